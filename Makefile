@@ -1,0 +1,38 @@
+# Two entry points, each self-contained on a fresh machine with Python >= 3.11:
+#   make demo   -- the main job (matrix factorization with the exact reference, README table)
+#   make test   -- lint + the test suite
+# Both create/refresh the virtual environment in $(VENV) from pyproject.toml when it changed.
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test test-slow lint format clean
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "lnb needs Python >= 3.11, found " + sys.version.split()[0]'
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[dev]"
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m lnb_ref demo
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check lnb_ref lnb_fast tests benchmarks
+
+format: $(STAMP)
+	$(PY) -m ruff check --fix .
+	$(PY) -m ruff format lnb_ref lnb_fast tests benchmarks
+
+test: lint
+	$(PY) -m pytest
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -m slow
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis results build *.egg-info

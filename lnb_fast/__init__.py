@@ -1,0 +1,1 @@
+"""Fast JAX backend (issue #3). Empty until it lands."""

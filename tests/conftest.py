@@ -1,0 +1,62 @@
+"""Shared test helpers.
+
+Tolerances: the reference runs in float64 (machine epsilon ≈ 2.2e-16). Quantities compared
+after a handful of dense products or one Cholesky solve of a well-conditioned matrix carry
+relative rounding errors of order ``κ · d · eps``; we use ``1e-10`` for those, which leaves
+three to four orders of magnitude of headroom for the sizes drawn here (d ≤ 40, κ ≤ 1e3).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import settings
+from threadpoolctl import threadpool_limits
+
+# numpy and scipy each ship an OpenBLAS; on the small matrices used here their two thread pools
+# only contend (a 9x slowdown measured on 2 cores), so the suite runs BLAS single-threaded.
+threadpool_limits(limits=1)
+
+settings.register_profile("ci", deadline=None, max_examples=25, derandomize=True)
+settings.load_profile("ci")
+
+RTOL = 1e-10
+
+
+def rel_err(a, b) -> float:
+    """``‖a − b‖ / max(‖b‖, tiny)`` over whole arrays (Frobenius norms)."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-300))
+
+
+def correlated_features(rng, n: int, d: int, mean_scale: float = 1.0) -> np.ndarray:
+    """Rows with a nonzero mean, unequal scales and correlated columns (a random mixing)."""
+    mix = rng.normal(size=(d, d)) / np.sqrt(d) + np.eye(d)
+    scales = np.exp(rng.uniform(-1.0, 1.0, size=d))
+    return (rng.normal(size=(n, d)) @ mix) * scales + mean_scale * rng.normal(size=d)
+
+
+def naive_conv2d(X, filters, bias, stride, padding, dilation, groups):
+    """A loop-by-loop convolution, independent of the im2col code under test."""
+    n, _, h, w = X.shape
+    co, cg, kh, kw = filters.shape
+    (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
+    Xp = np.pad(X, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
+    ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    out = np.zeros((n, co, ho, wo))
+    kg = co // groups
+    for o in range(co):
+        g = o // kg
+        for y in range(ho):
+            for x in range(wo):
+                ys, xs = y * sh, x * sw
+                patch = Xp[
+                    :,
+                    g * cg : (g + 1) * cg,
+                    ys : ys + dh * (kh - 1) + 1 : dh,
+                    xs : xs + dw * (kw - 1) + 1 : dw,
+                ]
+                out[:, o, y, x] = np.sum(patch * filters[o], axis=(1, 2, 3))
+                if bias is not None:
+                    out[:, o, y, x] += bias[o]
+    return out
