@@ -62,6 +62,7 @@ def plot(result: dict, path: Path) -> bool:
 
 
 def demo(args: argparse.Namespace) -> int:
+    """Run :func:`lnb_ref.matfact.compare`, print the table, write the JSON and the plot."""
     out = Path(args.out)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -78,6 +79,8 @@ def demo(args: argparse.Namespace) -> int:
         f"initial loss {result['initial_loss']:.4g}, optimum ℓ* = {result['optimum']:.4g}\n"
     )
     print(format_table(result))
+    for name, step in result["ahead_from"].items():
+        print(f"{name}: below every baseline curve at every step from step {step} on")
     matfact.save_json(out / "matfact.json", result)
     wrote = [str(out / "matfact.json")]
     if plot(result, out / "matfact.png"):
@@ -87,6 +90,7 @@ def demo(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m lnb_ref`` and the ``lnb-ref`` console script."""
     parser = argparse.ArgumentParser(prog="python -m lnb_ref", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("demo", help="matrix factorization: LNB vs GD vs Adam (the README table)")

@@ -21,9 +21,11 @@ class GradientDescent:
         self.learning_rate = as_schedule(learning_rate)
 
     def init(self, params: Sequence[np.ndarray]) -> dict:
+        """Only the step count ``t`` (for the schedule)."""
         return {"t": 0}
 
     def step(self, params, grads, features, state):
+        """``θ ← θ − η_t g``; ``features`` is ignored. Returns ``(params, state, StepInfo)``."""
         lr = self.learning_rate(state["t"])
         new = [p - lr * g for p, g in zip(params, grads, strict=True)]
         return new, {"t": state["t"] + 1}, StepInfo(lr, float("nan"), float("nan"), list(grads))
@@ -47,10 +49,12 @@ class Adam:
         self.b1, self.b2, self.eps = b1, b2, eps
 
     def init(self, params: Sequence[np.ndarray]) -> dict:
+        """First and second moment EMAs at zero, ``t = 0``."""
         zeros = [np.zeros_like(p, dtype=float) for p in params]
         return {"t": 0, "m": zeros, "v": [z.copy() for z in zeros]}
 
     def step(self, params, grads, features, state):
+        """One Adam step (class docstring); ``features`` is ignored."""
         t = state["t"] + 1
         lr = self.learning_rate(state["t"])
         m = [self.b1 * m + (1 - self.b1) * g for m, g in zip(state["m"], grads, strict=True)]

@@ -115,6 +115,7 @@ class ExactLNB:
         self.weight_decay, self.ridge, self.z0 = weight_decay, ridge, z0
 
     def init(self, params: Sequence[np.ndarray]) -> dict:
+        """Algorithm 1 keeps no state but the step count ``t`` (for the schedule ε_t)."""
         return {"t": 0}
 
     def directions(
@@ -130,6 +131,8 @@ class ExactLNB:
         return out
 
     def step(self, params, grads, features, state):
+        """One iteration of Algorithm 1 (lines 3–10) from the gradients and features of one
+        full-batch forward/backward pass. Returns ``(params, state, StepInfo)``."""
         check_step_inputs(self.neurons, params, grads, features)
         eps = self.epsilon(state["t"])
         directions = self.directions(grads, features)
@@ -199,6 +202,9 @@ class OnlineLNB:
         return state
 
     def step(self, params, grads, features, state):
+        """One iteration of Algorithm 2 (lines 3–14) from one minibatch's gradients and
+        features. Returns ``(params, state, StepInfo)``; ``info.pcg`` holds each neuron's PCG
+        iterates and residuals."""
         check_step_inputs(self.neurons, params, grads, features)
         t = state["t"] + 1
         eps = self.epsilon(state["t"])

@@ -56,9 +56,11 @@ class LinearNeuron:
     # --- what a subclass defines -------------------------------------------------------------
     @property
     def theta_shape(self) -> tuple[int, ...]:  # pragma: no cover - abstract
+        """Shape of θ as the design sees it: ``(K, D)`` (``(d,)`` for a scale)."""
         raise NotImplementedError
 
     def check_input(self, X: np.ndarray) -> None:  # pragma: no cover - abstract
+        """Raise :class:`~lnb_ref.errors.NeuronShapeError` naming the neuron if X cannot be fed."""
         raise NotImplementedError
 
     def design(self, X: np.ndarray) -> np.ndarray:
@@ -80,10 +82,12 @@ class LinearNeuron:
     # --- shared machinery --------------------------------------------------------------------
     @property
     def n_params(self) -> int:
+        """``P``: the number of parameters, the size of the materialised metric ``P × P``."""
         return math.prod(self.theta_shape)
 
     @property
     def rows_per_group(self) -> int:
+        """``K / G``: rows of θ that share one design ``Φ_g`` (and one ``C_g``)."""
         return self.theta_shape[0] // self.groups
 
     @property
@@ -213,6 +217,7 @@ class Conv2d(LinearNeuron):
         return W.reshape(self.c_out, self.c_in // self.groups, kh, kw)
 
     def output_hw(self, h: int, w: int) -> tuple[int, int]:
+        """Output height and width for an input of ``h × w`` (the usual convolution formula)."""
         (kh, kw), (sh, sw) = _pair(self.kernel_size), _pair(self.stride)
         (ph, pw), (dh, dw) = _pair(self.padding), _pair(self.dilation)
         ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
