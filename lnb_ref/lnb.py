@@ -63,16 +63,18 @@ def boosting_update(
     epsilon: float,
     weight_decay: float = 0.0,
     z0: float = 0.0,
-) -> tuple[list[np.ndarray], float]:
+) -> tuple[list[np.ndarray], float, float]:
     """Weight decay, the norm ``z`` and the adaptive step (Alg. 1 lines 8–10, Alg. 2 lines 12–14).
 
-    Returns the new parameters and ``z``. If ``z`` is 0 (every gradient is zero) nothing moves.
+    Returns the new parameters, ``z = max(z0, Σ θ̂_i·g_i)`` and the unclamped ``Σ θ̂_i·g_i``.
+    If ``z`` is 0 (every gradient is zero) nothing moves.
     """
-    z = max(z0, sum(step_norm(d, g) for d, g in zip(directions, grads, strict=True)))
+    raw_z = sum(step_norm(d, g) for d, g in zip(directions, grads, strict=True))
+    z = max(z0, raw_z)
     decay = 1.0 - np.sqrt(epsilon) * weight_decay
     scale = np.sqrt(epsilon / z) if z > 0 else 0.0
     new = [decay * p - scale * d for p, d in zip(params, directions, strict=True)]
-    return new, z
+    return new, z, raw_z
 
 
 @dataclass
@@ -136,8 +138,7 @@ class ExactLNB:
         check_step_inputs(self.neurons, params, grads, features)
         eps = self.epsilon(state["t"])
         directions = self.directions(grads, features)
-        raw_z = sum(step_norm(d, g) for d, g in zip(directions, grads, strict=True))
-        new, z = boosting_update(params, directions, grads, eps, self.weight_decay, self.z0)
+        new, z, raw_z = boosting_update(params, directions, grads, eps, self.weight_decay, self.z0)
         return new, {"t": state["t"] + 1}, StepInfo(eps, z, raw_z, directions)
 
 
@@ -241,6 +242,5 @@ class OnlineLNB:
             directions.append(result.x)
             results.append(result)
             new_state["theta_hat"].append(result.x)
-        raw_z = sum(step_norm(d, g) for d, g in zip(directions, g_hat, strict=True))
-        new, z = boosting_update(params, directions, g_hat, eps, self.weight_decay, self.z0)
+        new, z, raw_z = boosting_update(params, directions, g_hat, eps, self.weight_decay, self.z0)
         return new, new_state, StepInfo(eps, z, raw_z, directions, results)

@@ -91,7 +91,7 @@ def test_gradient_step_on_whitened_model_is_lnb_step(seed, d, k, method):
     # LNB step on θ with ε chosen freely: θ' = θ − √(ε/z) M⁻¹ g
     eps = 0.37
     theta_hat = solve_exact(original, row_metric(original, X), g)
-    (lnb_theta,), z = boosting_update([theta], [theta_hat], [g], eps)
+    (lnb_theta,), z, _ = boosting_update([theta], [theta_hat], [g], eps)
 
     # the reparameterised model: a dense neuron without bias on the features Wᵀx̂ (which already
     # carry the constant 1), with φ such that Θ = Φ Wᵀ (each row θ_r = W φ_r), i.e. Φ = Θ Lᵀ
