@@ -67,7 +67,8 @@ def boosting_update(
     """Weight decay, the norm ``z`` and the adaptive step (Alg. 1 lines 8–10, Alg. 2 lines 12–14).
 
     Returns the new parameters, ``z = max(z0, Σ θ̂_i·g_i)`` and the unclamped ``Σ θ̂_i·g_i``.
-    If ``z`` is 0 (every gradient is zero) nothing moves.
+    If ``z`` is 0 (all gradients zero, or an inexact θ̂ with ``Σ θ̂_i·g_i ≤ 0`` and ``z0 = 0``)
+    no boosting step is taken; the weight decay still applies.
     """
     raw_z = sum(step_norm(d, g) for d, g in zip(directions, grads, strict=True))
     z = max(z0, raw_z)

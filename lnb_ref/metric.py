@@ -38,7 +38,12 @@ def jacobian(neuron: LinearNeuron, X: np.ndarray) -> np.ndarray:
 
 
 def ridge_diagonal(neuron: LinearNeuron, gamma: float) -> np.ndarray:
-    """``γ`` on every non-bias parameter, ``0`` on the biases (§3.4), shaped like θ."""
+    """``γ`` on every non-bias parameter, ``0`` on the biases (§3.4), shaped like θ.
+
+    Zero for a neuron with an identity metric: its solve is skipped (``θ̂ = g``, §3.3), so no
+    ridge is ever applied to it and the materialised metric is exactly ``I``."""
+    if neuron.identity_metric:
+        return np.zeros(neuron.theta_shape)
     return gamma * (~neuron.bias_mask()).astype(float)
 
 

@@ -121,8 +121,10 @@ def pcg(
 
 
 def _safe_reciprocal(v: np.ndarray) -> np.ndarray:
-    """``1/v`` where ``v > 0``, and 1 where ``v == 0``: a feature that is identically zero over
-    the statistics has a zero row in M and a zero gradient, so any finite value is harmless."""
+    """``1/v`` where ``v > 0``, and 1 where ``v == 0``. A zero second moment means a feature that
+    is identically zero (zero metric row and zero gradient); a zero variance with a bias means a
+    constant feature, whose metric is singular along ``[e_j; −c]``. In both cases a finite,
+    moderate entry keeps PCG from stepping along the null direction."""
     return np.where(v > 0, 1.0 / np.where(v > 0, v, 1.0), 1.0)
 
 
@@ -157,7 +159,8 @@ class DiagonalPreconditioner:
 
 class IncompleteCholeskyPreconditioner:
     """``P = W̃ W̃ᵀ`` for a neuron with bias (§3.5): Eq. 12's exact inverse ``W Wᵀ`` with the
-    covariance Σ replaced by its diagonal ``δ = max(χ − μ ⊙ μ, 0) + γ``. It keeps the ``μ``
+    covariance Σ replaced by its diagonal ``δ = (χ − μ ⊙ μ) + γ`` (a variance within rounding
+    error of 0, ``≤ 64·eps·χ``, counts as 0). It keeps the ``μ``
     cross terms, so it is *not* a diagonal approximation of ``M⁻¹``. Applied to a row
     ``v = [v_x; v_b]``::
 
@@ -172,7 +175,13 @@ class IncompleteCholeskyPreconditioner:
             raise ValueError(f"neuron {neuron.name!r} has no bias; use DiagonalPreconditioner")
         self.neuron = neuron
         self.mu = np.asarray(mu)
-        self.inv_var = _safe_reciprocal(np.maximum(np.asarray(chi) - self.mu**2, 0.0) + gamma)
+        chi = np.asarray(chi)
+        var = chi - self.mu**2
+        # A constant feature has variance 0, but χ − μ² rounds to ±O(eps·χ); a positive rounding
+        # error would become a ~1e17 preconditioner entry along the metric's null direction and
+        # make the weights grow without bound. Treat anything within rounding of 0 as 0.
+        var = np.where(var > 64 * np.finfo(float).eps * chi, var, 0.0)
+        self.inv_var = _safe_reciprocal(var + gamma)
 
     def __call__(self, v: np.ndarray) -> np.ndarray:
         rows = self.neuron.grouped(v)

@@ -147,6 +147,10 @@ def test_scale_and_embedding_metrics():
     )
     emb = Embedding("pos", (3, 4))
     assert rel_err(metric_from_forward(emb, X), np.eye(12)) < RTOL
+    # its solve is skipped (θ̂ = g), so no ridge applies to it either: M stays I with γ > 0
+    assert rel_err(metric_from_forward(emb, X, gamma=0.5), np.eye(12)) < RTOL
+    v = rng.normal(size=(3, 4))
+    assert rel_err(metric_matvec(emb, X, v, gamma=0.5), v) < RTOL
     with pytest.raises(TypeError, match="identity metric"):
         row_metric(emb, X)
 
