@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.steps < 1:
         parser.error("--steps must be at least 1")
     # numpy and scipy each carry an OpenBLAS; on small matrices their thread pools only fight
-    # (measured: 11 s against 1.2 s for 1000 exact LNB steps on 2 cores), so use one thread.
+    # (8× slower on 2 cores: benchmarks/blas_threads.py), so use one thread.
     with threadpool_limits(limits=1):
         return demo(args)
 

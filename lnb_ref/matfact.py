@@ -222,7 +222,7 @@ def compare(
     bar.close()
     baselines = np.minimum.reduce([c for k, c in curves.items() if not k.startswith("LNB")])
     ahead_from = {}
-    for name in ("LNB, Algorithm 1 (exact)", "LNB, Algorithm 2 (2 PCG its)"):
+    for name in (k for k in curves if k.startswith("LNB")):
         behind = np.nonzero(curves[name] >= baselines)[0]
         ahead_from[name] = int(behind.max()) + 1 if behind.size else 0
     return {

@@ -160,8 +160,8 @@ class DiagonalPreconditioner:
 class IncompleteCholeskyPreconditioner:
     """``P = W̃ W̃ᵀ`` for a neuron with bias (§3.5): Eq. 12's exact inverse ``W Wᵀ`` with the
     covariance Σ replaced by its diagonal ``δ = (χ − μ ⊙ μ) + γ`` (a variance within rounding
-    error of 0, ``≤ 64·eps·χ``, counts as 0). It keeps the ``μ``
-    cross terms, so it is *not* a diagonal approximation of ``M⁻¹``. Applied to a row
+    error of 0, ``≤ 64·eps·χ``, counts as 0). It keeps the ``μ`` cross terms, so it is *not* a
+    diagonal approximation of ``M⁻¹``. Applied to a row
     ``v = [v_x; v_b]``::
 
         u = (v_x − μ v_b) / δ,      P v = [u; v_b − μ · u]

@@ -13,7 +13,8 @@ from hypothesis import settings
 from threadpoolctl import threadpool_limits
 
 # numpy and scipy each ship an OpenBLAS; on the small matrices used here their two thread pools
-# only contend (a 9x slowdown measured on 2 cores), so the suite runs BLAS single-threaded.
+# only contend (8x slower on 2 cores: benchmarks/blas_threads.py), so the suite runs BLAS
+# single-threaded.
 threadpool_limits(limits=1)
 
 settings.register_profile("ci", deadline=None, max_examples=25, derandomize=True)
