@@ -1,0 +1,261 @@
+"""A linear neuron found in a traced loss function, and the linear algebra LNB needs from it.
+
+A :class:`Neuron` is the part of a model that is linear in one weight leaf (and optionally one
+bias leaf): ``f(X; w, b)`` with ``X`` the neuron's input features. It is *replayed* from the
+primitives :mod:`lnb_fast.discovery` found in the jaxpr (``dot_general``, ``conv_general_dilated``,
+an elementwise ``mul``, the ``add`` of a bias, and the reshapes/transposes in between), so every
+layer library is handled by the same code and nothing is layer-specific:
+
+* ``J v = f(X; v)`` exactly, because ``f`` is linear in θ (paper Eq. 11);
+* ``Jᵀ u`` is the VJP of that same map (``jax.vjp``);
+* the metric product is ``M v = Jᵀ(J v) / n_i + γ v_w`` (Eq. 11, ridge on non-bias entries, §3.4);
+* the feature moments of Algorithm 2 (lines 6–7) are ``Jᵀ 1 / n_i`` with inputs ``X`` and
+  ``X ⊙ X``: the mean and mean square of each design column, broadcast over the neuron's output
+  rows, i.e. *shaped like the weight*. A design column is a selection of input entries (a column
+  of ``X``, a patch position of a convolution, a feature of a scale), so ``Φ(X ⊙ X) = Φ(X)²``.
+
+Parameters keep the user's layout (``(d_in, d_out)`` for ``x @ w``, ``(out, in)`` for Equinox,
+``HWIO`` or ``OIHW`` kernels, ...). The only place where the output rows matter is the incomplete
+Cholesky preconditioner of a neuron with a bias, which pairs weight row ``k`` with bias entry ``k``;
+:class:`RowMap` finds that pairing once per neuron by probing the map (see :func:`row_map`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+Params = tuple  # (w,) or (w, b): the neuron's parameters, in the user's layouts
+
+
+@dataclass(frozen=True, eq=False)
+class Step:
+    """One primitive applied to a single traced operand, the other operands being literals.
+
+    Used for the shape-only (linear) ops between a parameter leaf and the op that consumes it:
+    transposes, reshapes, dtype conversions, broadcasts, a multiplication by a constant."""
+
+    primitive: Any
+    params: dict
+    operands: tuple
+    position: int
+
+    def __call__(self, value):
+        ops = list(self.operands)
+        ops[self.position] = value
+        out = self.primitive.bind(*ops, **self.primitive.get_bind_params(self.params))
+        return out[0] if self.primitive.multiple_results else out
+
+
+def replay(steps: tuple[Step, ...], value):
+    """Apply a chain of :class:`Step` in order."""
+    for step in steps:
+        value = step(value)
+    return value
+
+
+@dataclass(eq=False)
+class Neuron:
+    """A neuron ``f(X; w, b)`` discovered in a loss function.
+
+    Attributes:
+        kind: ``"dense"`` (``dot_general``), ``"conv"`` (``conv_general_dilated``), ``"scale"``
+            (elementwise ``mul``) or ``"tagged"`` (:func:`lnb_fast.tag_neuron`).
+        weight, bias: indices of the weight and bias leaves in the flattened parameters
+            (``bias`` is None without one).
+        weight_path, bias_path: the leaves' pytree paths, for tables and error messages.
+        n_samples: ``n_i`` of Eq. 11 (footnote 3): the number of rows of the design — batch
+            elements for a dense neuron, output pixels for a convolution, uses of each entry
+            for a scale.
+        x_shape, x_dtype: the input features' aval.
+        site: where ``X`` lives in the jaxpr (used by :mod:`lnb_fast.capture`).
+    """
+
+    kind: str
+    weight: int
+    weight_path: str
+    weight_shape: tuple[int, ...]
+    x_shape: tuple[int, ...]
+    x_dtype: Any
+    n_samples: int
+    core: Callable[..., Any]
+    w_chain: tuple[Step, ...] = ()
+    out_chain: tuple[Step, ...] = ()
+    bias: int | None = None
+    bias_path: str | None = None
+    bias_shape: tuple[int, ...] | None = None
+    b_chain: tuple[Step, ...] = ()
+    site: Any = None
+    _rows: RowMap | None = field(default=None, repr=False)
+
+    # --- the map ---------------------------------------------------------------------------------
+    def apply(self, X, w, b=None):
+        """``f(X; w, b)``: the neuron's output for parameters ``(w, b)`` (linear in them)."""
+        if self.kind == "tagged":
+            return self.core(X, w, b)
+        y = replay(self.out_chain, self.core(X, replay(self.w_chain, w)))
+        if b is not None:
+            y = lax.add(y, replay(self.b_chain, b))
+        return y
+
+    def params_of(self, leaves) -> Params:
+        """This neuron's ``(w,)`` or ``(w, b)`` out of a list of leaves."""
+        if self.bias is None:
+            return (leaves[self.weight],)
+        return (leaves[self.weight], leaves[self.bias])
+
+    # --- Eq. 11 ----------------------------------------------------------------------------------
+    def metric_matvec(self, X, v: Params, ridge: float = 0.0) -> Params:
+        """``M v = Jᵀ (J v) / n_i + γ v_w`` (Eq. 11 and §3.4): one forward of the neuron's own map
+        with parameters ``v`` (which *is* ``J v``) and its VJP. Nothing ``P × P`` is built."""
+        Jv, pullback = jax.vjp(lambda th: self.apply(X, *th), tuple(v))
+        out = list(pullback(Jv)[0])
+        out = [o / self.n_samples for o in out]
+        out[0] = out[0] + ridge * v[0]
+        return tuple(out)
+
+    def moments(self, X):
+        """``(mean(Φ), mean(Φ ⊙ Φ))`` per design column, shaped like the weight (Alg. 2, lines
+        6–7): ``Jᵀ 1 / n_i`` for inputs ``X`` and ``X ⊙ X``."""
+        zero = jnp.zeros(self.weight_shape, jnp.result_type(X))
+
+        def column_sums(inputs):
+            out, pullback = jax.vjp(lambda w: self.apply(inputs, w), zero)
+            return pullback(jnp.ones_like(out))[0] / self.n_samples
+
+        return column_sums(X), column_sums(X * X)
+
+    def preconditioner(self, mean, second, ridge: float = 0.0) -> Callable[[Params], Params]:
+        """The §3.5 preconditioner ``P ≈ M⁻¹`` from (EMA) moments shaped like the weight.
+
+        Without a bias: ``P = diag(χ + γ)⁻¹`` (Jacobi). With a bias: ``P = W̃ W̃ᵀ``, the exact
+        inverse of Eq. 12 with Σ replaced by its diagonal ``δ = χ − μ² + γ`` (a variance within
+        rounding of 0, ``≤ 64·eps·χ``, counts as 0). For a row ``[v_w; v_b]``::
+
+            u = (v_w − μ v_b) / δ,      P v = [u; v_b − Σ_row μ ⊙ u]
+
+        A zero entry of ``χ + γ`` (or ``δ``) gets 1 instead of ``1/0``: it belongs to a feature
+        that is identically zero, or constant next to a bias, where the metric is singular.
+        """
+        if self.bias is None:
+            inv = safe_reciprocal(second + ridge)
+            return lambda v: (v[0] * inv,)
+        var = second - mean * mean
+        tiny = 64 * jnp.finfo(jnp.result_type(second)).eps * second
+        inv_var = safe_reciprocal(jnp.where(var > tiny, var, 0.0) + ridge)
+        rows = self.row_map()
+
+        def apply(v):
+            vw, vb = v
+            u = (vw - mean * rows.broadcast(vb)) * inv_var
+            return (u, vb - rows.row_sum(mean * u))
+
+        return apply
+
+    def row_map(self) -> RowMap:
+        """The pairing of weight entries with bias entries (computed once, see :func:`row_map`)."""
+        if self._rows is None:
+            self._rows = row_map(self)
+        return self._rows
+
+    # --- for tables ------------------------------------------------------------------------------
+    @property
+    def n_params(self) -> int:
+        n = int(np.prod(self.weight_shape))
+        return n + (int(np.prod(self.bias_shape)) if self.bias is not None else 0)
+
+
+def safe_reciprocal(v):
+    """``1/v`` where ``v > 0`` and 1 elsewhere (see :meth:`Neuron.preconditioner`)."""
+    positive = v > 0
+    return jnp.where(positive, 1.0 / jnp.where(positive, v, 1.0), 1.0)
+
+
+@dataclass(frozen=True, eq=False)
+class RowMap:
+    """Which bias entry each weight entry shares its output row with.
+
+    Stored separably when possible: the output row of weight entry ``w[i]`` is
+    ``perm[ravel(i[axes])]`` (``axes``: the weight axes that carry the output feature, e.g. the
+    last axis of a ``(d_in, d_out)`` dense weight or the ``O`` axis of a kernel). Otherwise a
+    full integer map ``rows`` shaped like the weight is used (gathers and segment sums).
+    """
+
+    weight_shape: tuple[int, ...]
+    bias_shape: tuple[int, ...]
+    axes: tuple[int, ...] | None
+    perm: np.ndarray | None
+    rows: np.ndarray | None
+
+    @property
+    def n_rows(self) -> int:
+        return int(np.prod(self.bias_shape))
+
+    def row_sum(self, u):
+        """Weight-shaped -> bias-shaped: ``out[k] = Σ_{entries i of row k} u[i]``."""
+        if self.axes is None:
+            flat = jax.ops.segment_sum(u.ravel(), self.rows.ravel(), self.n_rows)
+            return flat.reshape(self.bias_shape)
+        others = tuple(i for i in range(len(self.weight_shape)) if i not in self.axes)
+        flat = jnp.sum(u, axis=others).ravel()
+        if self.perm is not None:
+            flat = flat[np.argsort(self.perm)]
+        return flat.reshape(self.bias_shape)
+
+    def broadcast(self, v):
+        """Bias-shaped -> weight-shaped: every entry of row ``k`` gets ``v[k]``."""
+        flat = v.ravel()
+        if self.axes is None:
+            return flat[self.rows]
+        if self.perm is not None:
+            flat = flat[self.perm]
+        sub = flat.reshape(tuple(self.weight_shape[a] for a in self.axes))
+        return lax.broadcast_in_dim(sub, self.weight_shape, self.axes)
+
+
+def row_map(neuron: Neuron) -> RowMap:
+    """Find the output row of every weight entry by probing the neuron's own map.
+
+    With all-ones inputs ``X₁`` and zero weights, ``c = f(X₁; 0, k+1)`` is an output whose every
+    entry holds (one plus) the index of the bias it receives. Pulled back to the weights,
+    ``Jᵀc / Jᵀ1`` is then, for every weight entry, one plus the index of its row (the ratio
+    removes how many output positions the entry reaches). Computed once, eagerly, at trace time.
+    """
+    if neuron.bias is None:
+        raise ValueError(f"neuron {neuron.weight_path}: no bias, so no rows to pair")
+    K = int(np.prod(neuron.bias_shape))
+    with jax.ensure_compile_time_eval():
+        X1 = jnp.ones(neuron.x_shape, neuron.x_dtype)
+        w0 = jnp.zeros(neuron.weight_shape, neuron.x_dtype)
+        index = jnp.arange(1, K + 1, dtype=neuron.x_dtype).reshape(neuron.bias_shape)
+        c = neuron.apply(X1, w0, index)
+        _, pullback = jax.vjp(lambda w: neuron.apply(X1, w), w0)
+        num = np.asarray(pullback(c)[0], dtype=np.float64)
+        den = np.asarray(pullback(jnp.ones_like(c))[0], dtype=np.float64)
+    ratio = np.divide(num, den, out=np.ones_like(num), where=den > 0)
+    rows = np.rint(ratio).astype(np.int64) - 1
+    if np.max(np.abs(ratio - (rows + 1))) > 0.25 or rows.min() < 0 or rows.max() >= K:
+        raise ValueError(
+            f"neuron {neuron.weight_path}: could not pair weight rows with the bias "
+            f"{neuron.bias_path}; tag it with lnb_fast.tag_neuron or leave the bias out"
+        )
+    shape = tuple(neuron.weight_shape)
+    axes = tuple(
+        a for a in range(rows.ndim) if rows.shape[a] > 1 and np.any(np.diff(rows, axis=a) != 0)
+    )
+    sub = rows[tuple(slice(None) if a in axes else 0 for a in range(rows.ndim))]
+    others = tuple(a for a in range(rows.ndim) if a not in axes)
+    separable = bool(axes) and np.array_equal(
+        np.broadcast_to(np.expand_dims(sub, others), shape), rows
+    )
+    if separable and np.array_equal(np.sort(sub.ravel()), np.arange(K)):
+        perm = sub.ravel()
+        perm = None if np.array_equal(perm, np.arange(K)) else perm
+        return RowMap(shape, tuple(neuron.bias_shape), axes, perm, None)
+    return RowMap(shape, tuple(neuron.bias_shape), None, None, rows)

@@ -1,0 +1,77 @@
+"""Preconditioned conjugate gradient with a fixed number of iterations (Algorithm 2, line 10).
+
+Written for JAX on PyTrees (a neuron's ``(w, b)``), unrolled at trace time: LNB runs 2 iterations,
+so a ``lax.while_loop`` would only add overhead, and the fixed count makes every step cost the
+same. ``jax.scipy.sparse.linalg.cg`` (and lineax) stop on a tolerance and do not return the
+iterates, both of which the cross-checks against :func:`lnb_ref.solvers.pcg` need; hence our own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+PyTree = Any
+
+
+def tree_vdot(a: PyTree, b: PyTree):
+    """``Σ_leaves a · b``."""
+    return sum(jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
+
+
+def _axpy(alpha, x: PyTree, y: PyTree) -> PyTree:
+    return jax.tree.map(lambda u, v: v + alpha * u, x, y)
+
+
+class PCGResult(NamedTuple):
+    """``x``: the last iterate; ``iterates``: ``[x_1, ..., x_k]``; ``residual_norms``:
+    ``[‖r_0‖, ..., ‖r_k‖]`` with ``r = b − A x`` (as :class:`lnb_ref.solvers.PCGResult`)."""
+
+    x: PyTree
+    iterates: list
+    residual_norms: list
+
+
+def pcg(
+    matvec: Callable[[PyTree], PyTree],
+    b: PyTree,
+    iterations: int,
+    precondition: Callable[[PyTree], PyTree] | None = None,
+    x0: PyTree | None = None,
+) -> PCGResult:
+    """Solve ``A x = b`` (``A`` symmetric PSD) by ``iterations`` steps of PCG from ``x0``.
+
+    The textbook recursion (Nocedal & Wright, Alg. 5.3) with ``P ≈ A⁻¹``::
+
+        r₀ = b − A x₀,  y₀ = P r₀,  p₀ = y₀
+        αₖ = rₖ·yₖ / pₖ·A pₖ;   xₖ₊₁ = xₖ + αₖ pₖ;   rₖ₊₁ = rₖ − αₖ A pₖ
+        yₖ₊₁ = P rₖ₊₁;   βₖ = rₖ₊₁·yₖ₊₁ / rₖ·yₖ;   pₖ₊₁ = yₖ₊₁ + βₖ pₖ
+
+    If ``rₖ·yₖ = 0`` or ``pₖ·A pₖ = 0`` (the residual vanished) the iterate is kept, as in the
+    reference. Returns every iterate so tests can compare them one by one.
+    """
+    P = precondition if precondition is not None else (lambda v: v)
+    x = jax.tree.map(jnp.zeros_like, b) if x0 is None else x0
+    r = jax.tree.map(jnp.subtract, b, matvec(x))
+    y = P(r)
+    p = y
+    ry = tree_vdot(r, y)
+    iterates, norms = [], [jnp.sqrt(tree_vdot(r, r))]
+    for _ in range(iterations):
+        Ap = matvec(p)
+        pAp = tree_vdot(p, Ap)
+        ok = (ry != 0) & (pAp != 0)
+        alpha = jnp.where(ok, ry / jnp.where(ok, pAp, 1), 0)
+        x = _axpy(alpha, p, x)
+        r = _axpy(-alpha, Ap, r)
+        y = P(r)
+        ry_next = tree_vdot(r, y)
+        beta = jnp.where(ok, ry_next / jnp.where(ok, ry, 1), 0)
+        p = jax.tree.map(lambda yy, pp: jnp.where(ok, yy + beta * pp, pp), y, p)
+        ry = jnp.where(ok, ry_next, ry)
+        iterates.append(x)
+        norms.append(jnp.sqrt(tree_vdot(r, r)))
+    return PCGResult(x, iterates, norms)

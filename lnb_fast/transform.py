@@ -1,0 +1,238 @@
+"""``lnb``: Algorithm 2 of the paper (online Linear Neuron Boosting) as an optax transformation.
+
+Per step, with ``ĝ`` the bias-corrected EMA of the gradients and, for each neuron ``i`` found by
+:func:`lnb_fast.value_and_grad` (identity-metric parameters skip the solver, ``θ̂ = ĝ``)::
+
+    μ_i ← ema(μ_i, mean(Φ_i)),  χ_i ← ema(χ_i, mean(Φ_i ⊙ Φ_i))     β₂, bias-corrected (l. 6–7)
+    P_i ← diag(χ_i + γ)⁻¹ (no bias)  or  W̃ W̃ᵀ (bias, §3.5)                          (l. 8)
+    θ̂_i ← pcg(M_i of *this* minibatch + γ, ĝ_i, P_i, x0 = previous θ̂_i, k iterations)  (l. 9–10)
+
+then, over the whole network (lines 12–14)::
+
+    z = max(z0, Σ_i θ̂_i · ĝ_i)
+    updates = −√ε·ρ·θ − √(ε/z)·θ̂          so that  θ + updates = (1 − √ε·ρ) θ − √(ε/z) θ̂
+
+Reference: Munoz, *Simple Linear Neuron Boosting* (2025), Algorithm 2 and §3.4–3.5; the NumPy
+oracle is :class:`lnb_ref.lnb.OnlineLNB`, which the test suite matches to 1e-9.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from .capture import Features
+from .errors import NonFiniteError, StructureError
+from .pcg import pcg, tree_vdot
+
+
+class LNBState(NamedTuple):
+    """The state of :func:`lnb`; every field but ``count``/``skipped`` is shaped like the params.
+
+    Attributes:
+        count: steps taken (``t``; the schedule reads ε at ``count``).
+        grad_ema: EMA of the gradients (β₁).
+        mean, second_moment: EMAs (β₂) of each neuron's design-column moments ``μ`` and ``χ``,
+            stored broadcast over the weight's output rows (zeros for other leaves).
+        direction: the previous θ̂ (PCG's warm start).
+        skipped: steps skipped for non-finite values (``nonfinite="skip"``).
+    """
+
+    count: jax.Array
+    grad_ema: Any
+    mean: Any
+    second_moment: Any
+    direction: Any
+    skipped: jax.Array
+
+
+def lnb(
+    learning_rate: float | Callable[[jax.Array], jax.Array],
+    weight_decay: float = 0.0,
+    *,
+    ridge: float = 0.0,
+    z0: float = 0.0,
+    b1: float = 0.9,
+    b2: float = 0.99,
+    cg_iterations: int = 2,
+    precondition: bool = True,
+    warm_start: bool = True,
+    nonfinite: str = "raise",
+) -> optax.GradientTransformationExtraArgs:
+    """Online Linear Neuron Boosting (Algorithm 2) as an optax transformation.
+
+    Use with :func:`lnb_fast.value_and_grad`, which returns the features ``update`` needs::
+
+        opt = lnb_fast.lnb(learning_rate=0.01)
+        state = opt.init(params)
+        loss, grads, features = value_grad_features(params, batch)
+        updates, state = opt.update(grads, state, params, features=features)
+        params = optax.apply_updates(params, updates)
+
+    Args:
+        learning_rate: ``ε``, the squared length of the step *in function space* (Eq. 1–2): a
+            number or an optax schedule ``count ↦ ε``.
+        weight_decay: ``ρ``; parameters shrink by ``1 − √ε·ρ`` per step, biases included.
+        ridge: ``γ``, added to the non-bias diagonal of every ``M_i`` and to ``P_i`` (§3.4).
+        z0: lower bound of the norm ``z`` (Alg. 2, line 13).
+        b1: EMA rate of the gradient (0: no EMA). b2: EMA rate of the feature moments.
+        cg_iterations: PCG iterations per step (the paper: 2).
+        precondition: use the §3.5 preconditioners (False: plain CG).
+        warm_start: start PCG from the previous θ̂ (False: from 0).
+        nonfinite: ``"raise"`` (a NaN/Inf in a gradient or a neuron's features raises
+            :class:`~lnb_fast.errors.NonFiniteError` naming the parameter) or ``"skip"`` (the
+            step is skipped: zero updates, state unchanged but ``skipped`` incremented).
+    """
+    if not (0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0):
+        raise ValueError(f"EMA rates must lie in [0, 1); got b1={b1}, b2={b2}")
+    if int(cg_iterations) != cg_iterations or cg_iterations < 1:
+        raise ValueError(f"cg_iterations must be an integer >= 1, got {cg_iterations}")
+    if nonfinite not in ("raise", "skip"):
+        raise ValueError(f"nonfinite must be 'raise' or 'skip', got {nonfinite!r}")
+    for name, value in (("weight_decay", weight_decay), ("ridge", ridge), ("z0", z0)):
+        if value < 0:
+            raise ValueError(f"{name} must be >= 0, got {value}")
+    schedule = learning_rate if callable(learning_rate) else (lambda count: learning_rate)
+
+    def init(params) -> LNBState:
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        return LNBState(
+            count=jnp.zeros([], jnp.int32),
+            grad_ema=zeros,
+            mean=zeros,
+            second_moment=zeros,
+            direction=zeros,
+            skipped=jnp.zeros([], jnp.int32),
+        )
+
+    def update(grads, state: LNBState, params=None, *, features: Features | None = None, **_):
+        if not isinstance(features, Features):
+            raise TypeError(
+                "lnb_fast.lnb needs the neurons' input features: call "
+                "opt.update(grads, state, params, features=features) with the features returned "
+                f"by lnb_fast.value_and_grad(loss_fn)(params, batch); got {type(features).__name__}"
+            )
+        table = features.table
+        g_leaves, treedef = jax.tree.flatten(grads)
+        _check_structure(table, treedef, g_leaves, "gradients")
+        p_leaves = None
+        if params is not None:
+            p_leaves = jax.tree.leaves(params)
+            _check_structure(table, treedef, p_leaves, "parameters")
+        elif weight_decay:
+            raise ValueError("weight_decay needs the parameters: opt.update(grads, state, params)")
+
+        flags = [~jnp.all(jnp.isfinite(g)) for g in g_leaves]
+        flags += [~jnp.all(jnp.isfinite(x)) for x in features.values]
+        bad = jnp.stack(flags) if flags else jnp.zeros([0], bool)
+        if nonfinite == "raise":
+            _raise_if_nonfinite(table, bad)
+
+        flat = lambda tree: jax.tree.leaves(tree)  # noqa: E731
+        m_leaves, mu_leaves = flat(state.grad_ema), flat(state.mean)
+        chi_leaves, d_leaves = flat(state.second_moment), flat(state.direction)
+
+        t = state.count + 1
+        dtype = jnp.result_type(*g_leaves) if g_leaves else jnp.float32
+        c1 = 1 - jnp.asarray(b1, dtype) ** t
+        c2 = 1 - jnp.asarray(b2, dtype) ** t
+        m_new = [b1 * m + (1 - b1) * g for m, g in zip(m_leaves, g_leaves, strict=True)]
+        g_hat = [m / c1 for m in m_new]
+
+        directions = list(g_hat)  # identity metric unless a neuron says otherwise
+        mu_new, chi_new = list(mu_leaves), list(chi_leaves)
+        for neuron, X in zip(table.neurons, features.values, strict=True):
+            mean, second = neuron.moments(X)
+            i = neuron.weight
+            mu_new[i] = b2 * mu_leaves[i] + (1 - b2) * mean
+            chi_new[i] = b2 * chi_leaves[i] + (1 - b2) * second
+            P = neuron.preconditioner(mu_new[i] / c2, chi_new[i] / c2, ridge) if precondition else None
+            x0 = neuron.params_of(d_leaves) if warm_start else None
+            result = pcg(
+                lambda v, neuron=neuron, X=X: neuron.metric_matvec(X, v, ridge),
+                neuron.params_of(g_hat),
+                cg_iterations,
+                precondition=P,
+                x0=x0,
+            )
+            directions[neuron.weight] = result.x[0]
+            if neuron.bias is not None:
+                directions[neuron.bias] = result.x[1]
+
+        raw_z = tree_vdot(directions, g_hat)
+        z = jnp.maximum(z0, raw_z)
+        eps = jnp.asarray(schedule(state.count), dtype)
+        scale = jnp.where(z > 0, jnp.sqrt(eps / jnp.where(z > 0, z, 1)), 0)
+        decay = jnp.sqrt(eps) * weight_decay
+        updates = []
+        for i, d in enumerate(directions):
+            u = -scale * d
+            if weight_decay:
+                u = u - decay * p_leaves[i]
+            updates.append(u.astype(g_leaves[i].dtype))
+
+        unflat = lambda leaves: jax.tree.unflatten(treedef, leaves)  # noqa: E731
+        new_state = LNBState(
+            count=t,
+            grad_ema=unflat(m_new),
+            mean=unflat(mu_new),
+            second_moment=unflat(chi_new),
+            direction=unflat(directions),
+            skipped=state.skipped,
+        )
+        updates = unflat(updates)
+        if nonfinite == "skip":
+            ok = ~jnp.any(bad)
+            keep = lambda new, old: jnp.where(ok, new, old)  # noqa: E731
+            updates = jax.tree.map(lambda u: jnp.where(ok, u, jnp.zeros_like(u)), updates)
+            new_state = jax.tree.map(keep, new_state, state)
+            new_state = new_state._replace(skipped=state.skipped + (~ok).astype(jnp.int32))
+        return updates, new_state
+
+    return optax.GradientTransformationExtraArgs(init, update)
+
+
+def _check_structure(table, treedef, leaves, what: str) -> None:
+    if treedef != table.treedef:
+        raise StructureError(
+            f"the {what} tree does not match the parameters the features were captured for:\n"
+            f"  {what}: {treedef}\n  features: {table.treedef}"
+        )
+    for leaf, path, shape in zip(leaves, table.paths, table.shapes, strict=True):
+        if tuple(jnp.shape(leaf)) != tuple(shape):
+            raise StructureError(
+                f"{what} {path}: shape {tuple(jnp.shape(leaf))}, but the features were captured "
+                f"for shape {tuple(shape)}"
+            )
+
+
+def _describe_flag(table, index: int) -> str:
+    n = len(table.paths)
+    if index < n:
+        return f"the gradient of parameter {table.paths[index]}"
+    neuron = table.neurons[index - n]
+    return f"the input features of the neuron of {neuron.weight_path}"
+
+
+def _raise_if_nonfinite(table, bad) -> None:
+    """Raise :class:`NonFiniteError` naming the first offending leaf; works under ``jit`` (via
+    ``jax.debug.callback``, so the error surfaces when the step's result is read)."""
+
+    def check(flags):
+        flags = np.asarray(flags)
+        if flags.any():
+            names = [_describe_flag(table, int(i)) for i in np.flatnonzero(flags)]
+            raise NonFiniteError(
+                "NaN or Inf in " + "; ".join(names) + ". Refusing to take the step (use "
+                "lnb_fast.lnb(..., nonfinite='skip') to skip such steps instead)"
+            )
+
+    if isinstance(bad, jax.core.Tracer):
+        jax.debug.callback(check, bad)
+    else:
+        check(bad)
