@@ -43,7 +43,9 @@ class Features:
         return len(self.values)
 
     def __repr__(self) -> str:
-        shapes = ", ".join(str(tuple(getattr(v, "shape", ()))) for v in self.values)
+        shapes = ", ".join(
+            str(jax.tree.map(lambda x: tuple(getattr(x, "shape", ())), v)) for v in self.values
+        )
         return f"Features({len(self.values)} neurons: {shapes})"
 
 
@@ -58,6 +60,21 @@ def leaf_paths(tree) -> list[str]:
     return [jax.tree_util.keystr(path) for path, _ in flat]
 
 
+def check_params(params) -> None:
+    """Every parameter leaf must be a floating array; say which one is not, and what to do."""
+    leaves = jax.tree_util.tree_leaves(params)
+    for path, leaf in zip(leaf_paths(params), leaves, strict=True):
+        dtype = getattr(leaf, "dtype", None)
+        if dtype is None or not jax.numpy.issubdtype(dtype, jax.numpy.inexact):
+            raise DiscoveryError(
+                f"parameter {path or '<root>'} is {type(leaf).__name__}"
+                + (f" of dtype {dtype}" if dtype is not None else "")
+                + ", not a floating array; pass only the trainable arrays (e.g. "
+                "eqx.partition(model, eqx.is_inexact_array) or nnx.split(model, nnx.Param)) "
+                "and close over the rest"
+            )
+
+
 def _signature(tree) -> tuple:
     leaves, treedef = jax.tree_util.tree_flatten(tree)
     return treedef, tuple((tuple(jax.numpy.shape(x)), jax.numpy.result_type(x)) for x in leaves)
@@ -67,24 +84,16 @@ class Traced:
     """A loss function traced for one input signature: its jaxpr and its neuron table."""
 
     def __init__(self, loss_fn: Callable, params, args: tuple, has_aux: bool):
+        check_params(params)
         leaves, treedef = jax.tree_util.tree_flatten(params)
-        for path, leaf in zip(leaf_paths(params), leaves, strict=True):
-            if not hasattr(leaf, "shape") or not jax.numpy.issubdtype(
-                jax.numpy.result_type(leaf), jax.numpy.inexact
-            ):
-                raise DiscoveryError(
-                    f"parameter {path or '<root>'} is {type(leaf).__name__}, not a floating "
-                    "array; pass only the trainable arrays (e.g. eqx.partition(model, "
-                    "eqx.is_inexact_array) or nnx.split(model, nnx.Param)) and close over the rest"
-                )
         abstract = jax.tree_util.tree_map(
             lambda x: jax.ShapeDtypeStruct(jax.numpy.shape(x), jax.numpy.result_type(x)),
             (params, args),
         )
         try:
-            closed, out_shape = jax.make_jaxpr(
-                lambda p, a: loss_fn(p, *a), return_shape=True
-            )(*abstract)
+            closed, out_shape = jax.make_jaxpr(lambda p, a: loss_fn(p, *a), return_shape=True)(
+                *abstract
+            )
         except Exception as err:  # noqa: BLE001 - re-raised with context
             raise DiscoveryError(f"could not trace the loss function: {err}") from err
         value_shape = out_shape[0] if has_aux else out_shape
@@ -113,10 +122,14 @@ class Traced:
             calls,
             captured,
         )
-        missing = [n.weight_path for i, n in enumerate(table.neurons) if i not in captured]
-        if missing:  # pragma: no cover - would be a bug in the walk/interpreter pairing
-            raise DiscoveryError(f"internal: the inputs of {missing} were not captured")
-        return outs, tuple(captured[i] for i in range(len(table.neurons)))
+        values = []
+        for i, neuron in enumerate(table.neurons):
+            slots = range(1 + len(neuron.extra))
+            if any((i, s) not in captured for s in slots):  # pragma: no cover - a walk bug
+                raise DiscoveryError(f"internal: the inputs of {neuron.weight_path} were missed")
+            got = tuple(captured[(i, s)] for s in slots)
+            values.append(got if neuron.extra else got[0])
+        return outs, tuple(values)
 
 
 def _evaluate(jaxpr, consts, args, path, sites, calls, captured):
@@ -127,9 +140,8 @@ def _evaluate(jaxpr, consts, args, path, sites, calls, captured):
 
     def write(v, value):
         env[v] = value
-        nid = sites.get((path, v))
-        if nid is not None:
-            captured[nid] = value
+        for slot in sites.get((path, v), ()):
+            captured[slot] = value
 
     for v, value in zip(jaxpr.constvars, consts, strict=True):
         write(v, value)
@@ -169,6 +181,7 @@ class ValueAndGrad:
 
     def trace(self, params, *args) -> Traced:
         """The :class:`Traced` loss function for this signature (traced on first use)."""
+        check_params(params)
         key = _signature((params, args))
         if key not in self._cache:
             self._cache[key] = Traced(self.loss_fn, params, args, self.has_aux)
@@ -209,4 +222,3 @@ def value_and_grad(loss_fn: Callable, has_aux: bool = False) -> ValueAndGrad:
         updates, state = opt.update(grads, state, params, features=features)
     """
     return ValueAndGrad(loss_fn, has_aux=has_aux)
-

@@ -116,7 +116,8 @@ class Walk:
     shapes: list[tuple[int, ...]]
     neurons: list[Neuron] = field(default_factory=list)
     uses: dict[int, list[Use]] = field(default_factory=dict)
-    sites: dict[tuple, int] = field(default_factory=dict)  # (call path, Var) -> neuron index
+    # (call path, Var) -> (neuron index, slot): slot 0 is X, slots 1... the extra scale factors
+    sites: dict[tuple, list[tuple[int, int]]] = field(default_factory=dict)
     paths: list[str] = field(default_factory=list)
 
     def use(self, leaf: int, use: Use) -> None:
@@ -172,11 +173,16 @@ def _rule(w: Walk, eqn, ins: list, readers: Counter, path: tuple) -> list:
             name in OUT_CHAIN_OPS
             and len(outs) == 1
             and readers[eqn.invars[ins.index(outs[0])]] == 1
-            and all(isinstance(v, Literal) or v is eqn.invars[ins.index(outs[0])]
-                    for v in eqn.invars)
+            and all(
+                isinstance(v, Literal) or v is eqn.invars[ins.index(outs[0])] for v in eqn.invars
+            )
         ):
             pos = ins.index(outs[0])
             return [NeuronOut(outs[0].nid, outs[0].chain + (_step(eqn, pos),))]
+        if name == "mul" and len(outs) == 1 and len(ins) == 2:
+            extended = _extend_scale(w, eqn, ins, outs[0], readers, path)
+            if extended is not None:
+                return [extended]
         return _default(eqn, ins)
 
     if name.startswith(("jit", "pjit")) and str(eqn.params.get("name", "")).startswith(TAG_PREFIX):
@@ -227,9 +233,11 @@ def _rule(w: Walk, eqn, ins: list, readers: Counter, path: tuple) -> list:
         if name == "add" and _is_data(other):
             w.use(ref.leaf, Use("additive", reason="added to the activations (identity metric)"))
             return [Data(True)]
-    if name == "concatenate" and all(
-        isinstance(d, ParamRef) or _is_data(d) for d in ins
-    ) and any(_is_data(d) for d in ins):
+    if (
+        name == "concatenate"
+        and all(isinstance(d, ParamRef) or _is_data(d) for d in ins)
+        and any(_is_data(d) for d in ins)
+    ):
         for i in params:
             w.use(ins[i].leaf, Use("class token", reason="concatenated (identity metric)"))
         return [Data(True)]
@@ -241,14 +249,35 @@ def _rule(w: Walk, eqn, ins: list, readers: Counter, path: tuple) -> list:
     return _unclassified(w, eqn, ins, params, reason)
 
 
+def _extend_scale(w: Walk, eqn, ins, out: NeuronOut, readers: Counter, path: tuple):
+    """``(X₀ ⊙ s) ⊙ X₁``: a scale whose output is multiplied by activations is still a scale
+    neuron (Flax's LayerNorm folds its scale into ``rsqrt(var)`` before multiplying by
+    ``x − mean``); its input is then every factor, each captured."""
+    pos = ins.index(out)
+    neuron = w.neurons[out.nid]
+    factor = eqn.invars[1 - pos]
+    if (
+        neuron.kind != "scale"
+        or neuron.bias is not None
+        or out.chain
+        or readers[eqn.invars[pos]] != 1
+        or isinstance(factor, Literal)
+        or not _is_data(ins[1 - pos])
+    ):
+        return None
+    neuron.extra = neuron.extra + ((1 - pos, tuple(factor.aval.shape)),)
+    size = int(np.prod(neuron.weight_shape))
+    neuron.n_samples = int(np.prod(eqn.outvars[0].aval.shape)) // max(size, 1)
+    w.sites.setdefault((path[:-1], factor), []).append((out.nid, len(neuron.extra)))
+    return NeuronOut(out.nid)
+
+
 def w_shape(w: Walk, leaf: int) -> tuple[int, ...]:
     return w.shapes[leaf]
 
 
 def _step(eqn, position: int) -> Step:
-    operands = tuple(
-        None if i == position else v.val for i, v in enumerate(eqn.invars)
-    )
+    operands = tuple(None if i == position else v.val for i, v in enumerate(eqn.invars))
     return Step(eqn.primitive, dict(eqn.params), operands, position)
 
 
@@ -279,16 +308,14 @@ def _neuron(w: Walk, kind, eqn, ref: ParamRef, x_var, p: int, n: int, path: tupl
         )
     )
     w.use(ref.leaf, Use("weight", nid))
-    w.sites[(path[:-1], x_var)] = nid
+    w.sites.setdefault((path[:-1], x_var), []).append((nid, 0))
     return NeuronOut(nid)
 
 
 def _tagged(w: Walk, eqn, ins, params, path) -> list:
     inner, consts = sub_jaxpr(eqn)
     x_var = eqn.invars[0]
-    if isinstance(ins[0], ParamRef) or len(eqn.invars) not in (2, 3) or isinstance(
-        x_var, Literal
-    ):
+    if isinstance(ins[0], ParamRef) or len(eqn.invars) not in (2, 3) or isinstance(x_var, Literal):
         return _unclassified(w, eqn, ins, params, "tag_neuron(f, x, w[, b]) misused")
     refs = [ins[i] for i in range(1, len(ins))]
     if not all(isinstance(r, ParamRef) and not r.chain for r in refs):
@@ -302,7 +329,7 @@ def _tagged(w: Walk, eqn, ins, params, path) -> list:
     fun = jaxpr_as_fun(closed)
 
     def core(X, wv, b=None):
-        return fun(X, wv) if b is None else fun(X, wv, b)
+        return (fun(X, wv) if b is None else fun(X, wv, b))[0]
 
     nid = len(w.neurons)
     neuron = Neuron(
@@ -322,7 +349,7 @@ def _tagged(w: Walk, eqn, ins, params, path) -> list:
         w.use(refs[1].leaf, Use("bias", nid))
     w.neurons.append(neuron)
     w.use(refs[0].leaf, Use("weight", nid))
-    w.sites[(path[:-1], x_var)] = nid
+    w.sites.setdefault((path[:-1], x_var), []).append((nid, 0))
     return [Data(True)]
 
 
@@ -342,7 +369,9 @@ class NeuronTable:
         neurons: the neurons LNB solves for (matrix-free metric).
         identity: leaf index -> why it uses the identity metric (``θ̂ = g``).
         roles: leaf index -> ``"weight"``/``"bias"`` of a neuron, or the identity reason's role.
-        sites: ``(call path, Var) -> neuron index``: where each neuron's input ``X`` is computed.
+        sites: ``(call path, Var) -> [(neuron index, slot)]``: where each neuron's input is
+            computed; one value may feed several neurons, and slot > 0 are the extra factors
+            of a scale (see :class:`~lnb_fast.neuron.Neuron`).
     """
 
     treedef: Any
@@ -351,7 +380,7 @@ class NeuronTable:
     neurons: list[Neuron]
     identity: dict[int, str]
     roles: dict[int, str]
-    sites: dict[tuple, int]
+    sites: dict[tuple, list[tuple[int, int]]]
 
     def leaf_neuron(self) -> dict[int, int]:
         """leaf index -> index of the neuron it belongs to (weights and biases)."""
@@ -392,7 +421,7 @@ def resolve(w: Walk, treedef) -> NeuronTable:
             roles[leaf] = uses[0].role
         else:
             roles[leaf] = uses[0].role
-    neurons, sites = [], {}
+    neurons, sites, renumber = [], {}, {}
     for nid in sorted(valid):
         neuron = w.neurons[nid]
         if neuron.bias is not None and neuron.kind != "tagged":
@@ -403,6 +432,10 @@ def resolve(w: Walk, treedef) -> NeuronTable:
                 roles[neuron.bias] = "unclassified"
                 neuron.bias = neuron.bias_path = neuron.bias_shape = None
                 neuron.b_chain, neuron.out_chain = (), ()
-        sites[neuron.site] = len(neurons)
+        renumber[nid] = len(neurons)
         neurons.append(neuron)
+    for site, slots in w.sites.items():
+        kept = [(renumber[nid], slot) for nid, slot in slots if nid in renumber]
+        if kept:
+            sites[site] = kept
     return NeuronTable(treedef, w.paths, w.shapes, neurons, identity, roles, sites)

@@ -75,6 +75,9 @@ class Neuron:
             for a scale.
         x_shape, x_dtype: the input features' aval.
         site: where ``X`` lives in the jaxpr (used by :mod:`lnb_fast.capture`).
+        extra: for a scale whose output is multiplied again by activations (Flax's LayerNorm
+            computes ``(x − m) · (rsqrt(v) · scale)``), the operand position and shape of each
+            further factor; ``X`` is then the tuple of all factors and ``f = (X₀ ⊙ s) ⊙ X₁ ...``.
     """
 
     kind: str
@@ -92,6 +95,7 @@ class Neuron:
     bias_shape: tuple[int, ...] | None = None
     b_chain: tuple[Step, ...] = ()
     site: Any = None
+    extra: tuple[tuple[int, tuple[int, ...]], ...] = ()
     _rows: RowMap | None = field(default=None, repr=False)
 
     # --- the map ---------------------------------------------------------------------------------
@@ -99,7 +103,11 @@ class Neuron:
         """``f(X; w, b)``: the neuron's output for parameters ``(w, b)`` (linear in them)."""
         if self.kind == "tagged":
             return self.core(X, w, b)
-        y = replay(self.out_chain, self.core(X, replay(self.w_chain, w)))
+        factors = X[1:] if self.extra else ()
+        y = self.core(X[0] if self.extra else X, replay(self.w_chain, w))
+        for (position, _), factor in zip(self.extra, factors, strict=True):
+            y = lax.mul(factor, y) if position == 0 else lax.mul(y, factor)
+        y = replay(self.out_chain, y)
         if b is not None:
             y = lax.add(y, replay(self.b_chain, b))
         return y
@@ -123,13 +131,20 @@ class Neuron:
     def moments(self, X):
         """``(mean(Φ), mean(Φ ⊙ Φ))`` per design column, shaped like the weight (Alg. 2, lines
         6–7): ``Jᵀ 1 / n_i`` for inputs ``X`` and ``X ⊙ X``."""
-        zero = jnp.zeros(self.weight_shape, jnp.result_type(X))
+        zero = jnp.zeros(self.weight_shape, jnp.result_type(*jax.tree.leaves(X)))
 
         def column_sums(inputs):
             out, pullback = jax.vjp(lambda w: self.apply(inputs, w), zero)
             return pullback(jnp.ones_like(out))[0] / self.n_samples
 
-        return column_sums(X), column_sums(X * X)
+        return column_sums(X), column_sums(jax.tree.map(lambda x: x * x, X))
+
+    def ones_input(self):
+        """All-ones inputs of this neuron's input shape(s)."""
+        ones = jnp.ones(self.x_shape, self.x_dtype)
+        if not self.extra:
+            return ones
+        return (ones, *(jnp.ones(shape, self.x_dtype) for _, shape in self.extra))
 
     def preconditioner(self, mean, second, ridge: float = 0.0) -> Callable[[Params], Params]:
         """The §3.5 preconditioner ``P ≈ M⁻¹`` from (EMA) moments shaped like the weight.
@@ -231,7 +246,7 @@ def row_map(neuron: Neuron) -> RowMap:
         raise ValueError(f"neuron {neuron.weight_path}: no bias, so no rows to pair")
     K = int(np.prod(neuron.bias_shape))
     with jax.ensure_compile_time_eval():
-        X1 = jnp.ones(neuron.x_shape, neuron.x_dtype)
+        X1 = neuron.ones_input()
         w0 = jnp.zeros(neuron.weight_shape, neuron.x_dtype)
         index = jnp.arange(1, K + 1, dtype=neuron.x_dtype).reshape(neuron.bias_shape)
         c = neuron.apply(X1, w0, index)

@@ -9,6 +9,7 @@ iterates, both of which the cross-checks against :func:`lnb_ref.solvers.pcg` nee
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import Any, NamedTuple
 
 import jax
@@ -24,6 +25,11 @@ def tree_vdot(a: PyTree, b: PyTree):
 
 def _axpy(alpha, x: PyTree, y: PyTree) -> PyTree:
     return jax.tree.map(lambda u, v: v + alpha * u, x, y)
+
+
+def _next_direction(ok, beta, y, p):
+    """``p ← y + β p`` unless the iteration was degenerate (then p is kept)."""
+    return jnp.where(ok, y + beta * p, p)
 
 
 class PCGResult(NamedTuple):
@@ -70,7 +76,7 @@ def pcg(
         y = P(r)
         ry_next = tree_vdot(r, y)
         beta = jnp.where(ok, ry_next / jnp.where(ok, ry, 1), 0)
-        p = jax.tree.map(lambda yy, pp: jnp.where(ok, yy + beta * pp, pp), y, p)
+        p = jax.tree.map(partial(_next_direction, ok, beta), y, p)
         ry = jnp.where(ok, ry_next, ry)
         iterates.append(x)
         norms.append(jnp.sqrt(tree_vdot(r, r)))

@@ -128,7 +128,10 @@ def lnb(
             raise ValueError("weight_decay needs the parameters: opt.update(grads, state, params)")
 
         flags = [~jnp.all(jnp.isfinite(g)) for g in g_leaves]
-        flags += [~jnp.all(jnp.isfinite(x)) for x in features.values]
+        flags += [
+            jnp.any(jnp.stack([~jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(v)]))
+            for v in features.values
+        ]
         bad = jnp.stack(flags) if flags else jnp.zeros([0], bool)
         if nonfinite == "raise":
             _raise_if_nonfinite(table, bad)
@@ -151,7 +154,11 @@ def lnb(
             i = neuron.weight
             mu_new[i] = b2 * mu_leaves[i] + (1 - b2) * mean
             chi_new[i] = b2 * chi_leaves[i] + (1 - b2) * second
-            P = neuron.preconditioner(mu_new[i] / c2, chi_new[i] / c2, ridge) if precondition else None
+            P = (
+                neuron.preconditioner(mu_new[i] / c2, chi_new[i] / c2, ridge)
+                if precondition
+                else None
+            )
             x0 = neuron.params_of(d_leaves) if warm_start else None
             result = pcg(
                 lambda v, neuron=neuron, X=X: neuron.metric_matvec(X, v, ridge),

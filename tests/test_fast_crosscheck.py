@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 jax = pytest.importorskip("jax")
 optax = pytest.importorskip("optax")
 import jax.numpy as jnp  # noqa: E402
+from conftest import RTOL, correlated_features, rel_err  # noqa: E402
 from jax import lax  # noqa: E402
 
 import lnb_fast  # noqa: E402
@@ -27,8 +28,6 @@ from lnb_ref.metric import metric_matvec  # noqa: E402
 from lnb_ref.network import CNN, MLP  # noqa: E402
 from lnb_ref.neurons import Conv2d, Dense  # noqa: E402
 from lnb_ref.solvers import design_moments, paper_preconditioner, pcg  # noqa: E402
-
-from conftest import RTOL, correlated_features, rel_err  # noqa: E402
 
 STEP_RTOL = 1e-9
 
@@ -216,8 +215,13 @@ def check_neuron(case: Case, seed: int, ridge: float, iterations: int, warm: boo
     assert abs(z - float(np.vdot(ref.x, g))) <= RTOL * float(np.vdot(np.abs(ref.x), np.abs(g)))
 
 
-@given(any_case, st.integers(0, 2**16), st.sampled_from([0.0, 1e-3, 0.5]), st.integers(1, 4),
-       st.booleans())
+@given(
+    any_case,
+    st.integers(0, 2**16),
+    st.sampled_from([0.0, 1e-3, 0.5]),
+    st.integers(1, 4),
+    st.booleans(),
+)
 def test_neuron_matches_reference(case, seed, ridge, iterations, warm):
     check_neuron(case, seed, ridge, iterations, warm)
 
@@ -253,7 +257,10 @@ def cnn_loss(net: CNN):
         h = x
         for i, conv in enumerate(convs):
             h = lax.conv_general_dilated(
-                h, p[i]["w"], (conv.stride,) * 2, [(conv.padding, conv.padding)] * 2,
+                h,
+                p[i]["w"],
+                (conv.stride,) * 2,
+                [(conv.padding, conv.padding)] * 2,
                 dimension_numbers=("NCHW", "OIHW", "NCHW"),
             )
             h = jax.nn.relu(h + p[i]["b"][None, :, None, None])
@@ -310,8 +317,18 @@ def test_whole_steps_match_reference_on_mlp():
     X = correlated_features(rng, 300, 12)
     Y = rng.integers(0, 4, size=300)
     net = MLP([12, 16, 10, 4], activation="tanh")
-    worst = run_both(net, mlp_loss(net.sizes), X, Y, steps=12, batch=64, epsilon=0.05,
-                     weight_decay=0.1, ridge=1e-3, z0=1e-4)
+    worst = run_both(
+        net,
+        mlp_loss(net.sizes),
+        X,
+        Y,
+        steps=12,
+        batch=64,
+        epsilon=0.05,
+        weight_decay=0.1,
+        ridge=1e-3,
+        z0=1e-4,
+    )
     assert worst > 0  # the parameters did move apart from rounding, and stayed within 1e-9
 
 
