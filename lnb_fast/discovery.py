@@ -213,7 +213,9 @@ def _rule(w: Walk, eqn, ins: list, readers: Counter, path: tuple) -> list:
             contract, batch = (rc, rb) if p == 0 else (lc, lb)
             free = [a for a in range(x_var.aval.ndim) if a not in contract and a not in batch]
             n = int(np.prod([x_var.aval.shape[a] for a in free]))
-            return [_neuron(w, "dense", eqn, ref, x_var, p, n, path)]
+            out = _neuron(w, "dense", eqn, ref, x_var, p, n, path)
+            w.neurons[out.nid].free_axes = tuple(free)
+            return [out]
         if name == "conv_general_dilated" and p == 1 and eqn.params["batch_group_count"] == 1:
             out = eqn.outvars[0].aval
             n = int(np.prod(out.shape)) // out.shape[eqn.params["dimension_numbers"].out_spec[1]]

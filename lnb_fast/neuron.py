@@ -78,6 +78,7 @@ class Neuron:
         extra: for a scale whose output is multiplied again by activations (Flax's LayerNorm
             computes ``(x − m) · (rsqrt(v) · scale)``), the operand position and shape of each
             further factor; ``X`` is then the tuple of all factors and ``f = (X₀ ⊙ s) ⊙ X₁ ...``.
+        free_axes: for a dense neuron, the axes of ``X`` that index samples (its design rows).
     """
 
     kind: str
@@ -96,6 +97,7 @@ class Neuron:
     b_chain: tuple[Step, ...] = ()
     site: Any = None
     extra: tuple[tuple[int, tuple[int, ...]], ...] = ()
+    free_axes: tuple[int, ...] | None = None
     _rows: RowMap | None = field(default=None, repr=False)
 
     # --- the map ---------------------------------------------------------------------------------
@@ -132,9 +134,16 @@ class Neuron:
         """``(mean(Φ), mean(Φ ⊙ Φ))`` per design column, shaped like the weight (Alg. 2, lines
         6–7): ``Jᵀ 1 / n_i`` for inputs ``X`` and ``X ⊙ X``."""
         zero = jnp.zeros(self.weight_shape, jnp.result_type(*jax.tree.leaves(X)))
+        apply = self.apply
+        if self.free_axes is not None:
+            # Dense: the design rows are X's sample axes, so sum them first (keeping them as
+            # axes of size 1) and pull back through one "sample": O(d·k) instead of O(n·d·k).
+            def apply(inputs, w):
+                summed = jnp.sum(inputs, axis=self.free_axes, keepdims=True)
+                return self.core(summed, replay(self.w_chain, w))
 
         def column_sums(inputs):
-            out, pullback = jax.vjp(lambda w: self.apply(inputs, w), zero)
+            out, pullback = jax.vjp(lambda w: apply(inputs, w), zero)
             return pullback(jnp.ones_like(out))[0] / self.n_samples
 
         return column_sums(X), column_sums(jax.tree.map(lambda x: x * x, X))
