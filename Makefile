@@ -1,5 +1,5 @@
 # Two entry points, each self-contained on a fresh machine with Python >= 3.11:
-#   make demo   -- the main job (matrix factorization with the exact reference, README table)
+#   make demo   -- the main job (`lnb demo`: matrix factorization + digits MLP, LNB vs Adam)
 #   make test   -- lint + the test suite
 # Both create/refresh the virtual environment in $(VENV) from pyproject.toml when it changed.
 
@@ -8,7 +8,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-slow lint format clean
+.PHONY: demo demo-ref test test-slow lint format clean data
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "lnb needs Python >= 3.11, found " + sys.version.split()[0]'
@@ -18,7 +18,16 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 demo: $(STAMP)
+	$(PY) -m lnb demo
+
+demo-ref: $(STAMP)
 	$(PY) -m lnb_ref demo
+
+# Fashion-MNIST for `lnb reproduce ... --dataset fashion-mnist` (Debian/Ubuntu; needs root/sudo).
+data:
+	@test -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz \
+	  || { command -v apt-get >/dev/null || { echo "make data needs apt-get; otherwise pass --data-path to the IDX files"; exit 2; }; \
+	       $$(command -v sudo >/dev/null && [ "$$(id -u)" != 0 ] && echo sudo) apt-get install -y dataset-fashion-mnist; }
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

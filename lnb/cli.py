@@ -1,0 +1,266 @@
+"""The ``lnb`` command: ``lnb demo``, ``lnb reproduce EXPERIMENT``, ``lnb check``.
+
+    lnb demo                                  # matfact + digits MLP (original, inverted), ~2 min
+    lnb reproduce mlp --optimizers lnb,adam --epochs 20 --seed 0 --out results
+    lnb reproduce mlp --dataset fashion-mnist # the full-size run (needs `make data`)
+    lnb check --problems 20                   # lnb_fast vs lnb_ref on fresh random problems
+
+Every run writes ``OUT/<experiment>.json`` (config, dataset, per-epoch train/test loss and
+metric, wall time per epoch excluding compilation) and ``OUT/<experiment>.png``.
+Exit codes: 0 success, 1 a check over tolerance, 2 a usage error (unknown experiment or
+optimizer, unwritable output folder, missing optional dataset).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .data import MissingDatasetError
+
+
+class UsageError(Exception):
+    """A problem the user can fix; printed without a traceback, exit code 2."""
+
+
+def check_writable(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise UsageError(f"cannot write to output folder {folder}: {err.strerror or err}") from None
+
+
+def machine() -> dict[str, Any]:
+    import jax
+
+    return {
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+        "backend": jax.default_backend(),
+        "cpu_count": os.cpu_count(),
+        "command": " ".join(["lnb", *sys.argv[1:]]),
+    }
+
+
+def write_json(path: Path, payload: dict) -> None:
+    def clean(value):
+        if isinstance(value, dict):
+            return {str(k): clean(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [clean(v) for v in value]
+        if isinstance(value, (np.floating, float)):
+            return float(value) if math.isfinite(value) else None
+        if isinstance(value, np.integer):
+            return int(value)
+        return value
+
+    path.write_text(json.dumps(clean(payload), indent=1))
+
+
+def summary_rows(result: dict) -> list[dict[str, str]]:
+    """One row per run: final train loss and test metric, epochs and seconds to the
+    experiment's target, seconds per epoch (median, compilation excluded)."""
+    from .experiments import to_target
+
+    rows = []
+    lower = result["metric"] == "excess loss"
+    target = result["config"]["target"]
+    for run in result["runs"]:
+        seconds = np.asarray(run["epoch_seconds"][1:], dtype=float)
+        epochs, wall = to_target(run, target, lower)
+        rows.append(
+            {
+                "experiment": f"{result['config']['experiment']} ({result['dataset']['name']})",
+                "optimizer": run["label"],
+                "epochs": str(len(run["test_metric"]) - 1),
+                "final train loss": f"{run['train_loss'][-1]:.4g}",
+                "final test metric": f"{run['test_metric'][-1]:.4g} ({result['metric']})",
+                "target": f"{'≤' if lower else '≥'} {target:g}",
+                "epochs to target": "never" if epochs is None else str(epochs),
+                "seconds to target": "never" if wall is None else f"{wall:.3g}",
+                "s / epoch": f"{np.median(seconds):.3g}" if seconds.size else "-",
+            }
+        )
+    return rows
+
+
+def markdown(rows: list[dict[str, str]]) -> str:
+    """Rows of dicts (possibly different keys) as one Markdown table."""
+    columns: list[str] = []
+    for row in rows:
+        columns += [c for c in row if c not in columns]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(row.get(c, "") for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def save(result: dict, out: Path, name: str, title: str) -> list[Path]:
+    from .plots import plot_results
+
+    result = {**result, "machine": machine()}
+    write_json(out / f"{name}.json", result)
+    return [out / f"{name}.json", plot_results([result], out / f"{name}.png", title)]
+
+
+# --- subcommands ----------------------------------------------------------------------------------
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    from .experiments import EXPERIMENTS, run
+
+    out = Path(args.out)
+    check_writable(out)
+    exp = EXPERIMENTS[args.experiment]
+    optimizers = [o.strip() for o in args.optimizers.split(",") if o.strip()]
+    unknown = [o for o in optimizers if o not in exp.optimizers]
+    if unknown:
+        raise UsageError(
+            f"unknown optimizer(s) {', '.join(unknown)}; choose from {', '.join(exp.optimizers)}"
+        )
+    lrs = {}
+    for item in args.lr or []:
+        name, _, value = item.partition("=")
+        if name not in exp.optimizers or not value:
+            raise UsageError(f"--lr expects OPTIMIZER=VALUE with a known optimizer, got {item!r}")
+        lrs[name] = float(value)
+    start = time.perf_counter()
+    result = run(
+        args.experiment,
+        optimizers,
+        epochs=args.epochs,
+        seed=args.seed,
+        dataset=args.dataset,
+        data_path=args.data_path,
+        batch_size=args.batch_size,
+        n_train=args.n_train,
+        n_test=args.n_test,
+        learning_rates=lrs,
+        progress=not args.quiet,
+    )
+    result["seconds"] = time.perf_counter() - start
+    paths = save(result, out, args.experiment, exp.description)
+    print(markdown(summary_rows(result)))
+    print(f"\nwrote {', '.join(str(p) for p in paths)} ({result['seconds']:.0f} s)")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .experiments import run
+    from .plots import plot_results
+
+    out = Path(args.out)
+    check_writable(out)
+    start = time.perf_counter()
+    progress = not args.quiet
+    results = {
+        "matfact": run(
+            "matfact", ["lnb", "adam", "sgd"], epochs=300, seed=args.seed, progress=progress
+        ),
+        "mlp": run("mlp", ["lnb", "adam"], epochs=args.epochs, seed=args.seed, progress=progress),
+        "mlp-inverted": run(
+            "mlp-inverted", ["lnb", "adam"], epochs=args.epochs, seed=args.seed, progress=progress
+        ),
+    }
+    seconds = time.perf_counter() - start
+    payload = {"seconds": seconds, "machine": machine(), "results": results}
+    write_json(out / "demo.json", payload)
+    paths = [
+        out / "demo.json",
+        plot_results(
+            [results["matfact"]],
+            out / "demo-matfact.png",
+            "Matrix factorization (§5.1): excess loss",
+        ),
+        plot_results(
+            [results["mlp"], results["mlp-inverted"]],
+            out / "demo-mlp.png",
+            "Digits MLP (§5.2): original (solid) and inverted 1 − x (dashed) pixels",
+        ),
+    ]
+    rows = [row for r in results.values() for row in summary_rows(r)]
+    print(markdown(rows))
+    print("\nmatfact is full batch: one epoch is one step. Seconds exclude compilation.")
+    gap = {}
+    for run_o, run_i in zip(results["mlp"]["runs"], results["mlp-inverted"]["runs"], strict=True):
+        gap[run_o["optimizer"]] = 100 * (run_o["test_metric"][-1] - run_i["test_metric"][-1])
+    print(
+        "\nTest accuracy, original minus inverted pixels (points): "
+        + ", ".join(f"{k} {v:+.1f}" for k, v in gap.items())
+    )
+    print(f"\nwrote {', '.join(str(p) for p in paths)} ({seconds:.0f} s)")
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from .check import format_report, passed, run_check
+
+    errors = run_check(args.problems, seed=args.seed, progress=not args.quiet)
+    print(format_report(errors))
+    ok = passed(errors)
+    print("\nall within tolerance" if ok else "\nSOME QUANTITIES ARE OVER TOLERANCE")
+    return 0 if ok else 1
+
+
+def parser() -> argparse.ArgumentParser:
+    from .experiments import EXPERIMENTS
+
+    p = argparse.ArgumentParser(prog="lnb", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="matrix factorization + digits MLP (original, inverted)")
+    demo.add_argument("--epochs", type=int, default=15, help="MLP epochs (default 15)")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--out", default="results", help="output folder (default results/)")
+    demo.add_argument("--quiet", action="store_true", help="no progress bars")
+    demo.set_defaults(func=cmd_demo)
+
+    rep = sub.add_parser("reproduce", help="one experiment of the paper's §5")
+    rep.add_argument("experiment", choices=list(EXPERIMENTS))
+    rep.add_argument("--optimizers", default="lnb,adam", help="comma-separated (lnb,adam,sgd)")
+    rep.add_argument("--epochs", type=int, default=None, help="default: the experiment's")
+    rep.add_argument("--seed", type=int, default=0)
+    rep.add_argument("--out", default="results")
+    rep.add_argument(
+        "--dataset",
+        choices=["digits", "fashion-mnist", "shapes"],
+        default=None,
+        help="override the experiment's dataset",
+    )
+    rep.add_argument("--data-path", default=None, help="folder with the Fashion-MNIST IDX files")
+    rep.add_argument("--batch-size", type=int, default=None)
+    rep.add_argument("--n-train", type=int, default=None, help="random subset of the train set")
+    rep.add_argument("--n-test", type=int, default=None, help="random subset of the test set")
+    rep.add_argument(
+        "--lr",
+        action="append",
+        metavar="OPT=VALUE",
+        help="override a learning rate, e.g. --lr adam=3e-3 (repeatable)",
+    )
+    rep.add_argument("--quiet", action="store_true")
+    rep.set_defaults(func=cmd_reproduce)
+
+    check = sub.add_parser("check", help="lnb_fast against lnb_ref on fresh random problems")
+    check.add_argument("--problems", type=int, default=20)
+    check.add_argument("--seed", type=int, default=None)
+    check.add_argument("--quiet", action="store_true")
+    check.set_defaults(func=cmd_check)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (UsageError, MissingDatasetError) as err:
+        print(f"lnb: error: {err}", file=sys.stderr)
+        return 2

@@ -1,0 +1,206 @@
+"""The training loop every experiment shares: one model, one dataset, one optimizer.
+
+Each optimizer starts from the same initial parameters (``seed``) and sees the same minibatches
+(shuffled per epoch from ``seed``). A step is one ``jax.jit``-compiled function — gradient,
+update and ``optax.apply_updates`` — compiled *before* the clock starts, so the per-epoch wall
+time excludes compilation (as the paper reports). After every epoch (and before the first) the
+loss and accuracy (or mean IoU for segmentation) are evaluated on the whole train and test sets.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm.auto import tqdm
+
+import lnb_fast
+
+from .data import Dataset
+
+#: Optimizers ``lnb reproduce --optimizers`` accepts, with what their learning rate means.
+OPTIMIZERS = {
+    "lnb": "lnb_fast.lnb (Algorithm 2); learning rate = ε, the squared function-space step",
+    "adam": "optax.adam (β = 0.9, 0.999)",
+    "sgd": "optax.sgd (plain gradient descent)",
+}
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """An optimizer by name with its learning rate (a number, multiplied by ``decay`` per epoch,
+    smoothly: ``lr · decay^(step / steps_per_epoch)``) and the optimizer's keyword arguments
+    (for LNB, those of :func:`lnb_fast.lnb`)."""
+
+    name: str
+    learning_rate: float
+    decay: float = 1.0
+    options: dict = field(default_factory=dict)
+
+    def label(self) -> str:
+        lr = f"{self.learning_rate:g}" + (f"·{self.decay:g}^epoch" if self.decay != 1.0 else "")
+        return f"{self.name} (lr {lr})"
+
+    def build(self, steps_per_epoch: int = 1) -> optax.GradientTransformation:
+        if self.name not in OPTIMIZERS:
+            raise ValueError(
+                f"unknown optimizer {self.name!r}; choose from {', '.join(OPTIMIZERS)}"
+            )
+        lr: Any = self.learning_rate
+        if self.decay != 1.0:
+            lr = optax.exponential_decay(self.learning_rate, steps_per_epoch, self.decay)
+        if self.name == "lnb":
+            return lnb_fast.lnb(learning_rate=lr, **self.options)
+        if self.name == "adam":
+            return optax.adam(lr, **self.options)
+        return optax.sgd(lr, **self.options)
+
+
+def make_step(model, opt: optax.GradientTransformation, uses_features: bool) -> Callable:
+    """The jitted training step ``(params, state, x, y) -> (params, state, loss)``."""
+    from .models import loss_fn
+
+    loss = loss_fn(model)
+    if uses_features:
+        vgf = lnb_fast.value_and_grad(loss)
+
+        def step(params, state, x, y):
+            value, grads, features = vgf(params, (x, y))
+            updates, state = opt.update(grads, state, params, features=features)
+            return optax.apply_updates(params, updates), state, value
+
+    else:
+
+        def step(params, state, x, y):
+            value, grads = jax.value_and_grad(loss)(params, (x, y))
+            updates, state = opt.update(grads, state, params)
+            return optax.apply_updates(params, updates), state, value
+
+    return jax.jit(step)
+
+
+def make_eval(model, n_classes: int) -> Callable:
+    """Jitted ``(params, x, y) -> (summed loss, summed correct or per-class [inter, union])``."""
+
+    @jax.jit
+    def evaluate(params, x, y):
+        logits = model.apply(params, x)
+        logp = jax.nn.log_softmax(logits, axis=-1)
+        nll = -jnp.take_along_axis(logp, y[..., None], axis=-1)[..., 0]
+        pred = jnp.argmax(logits, axis=-1)
+        if model.task == "classification":
+            return jnp.sum(nll), jnp.sum(pred == y).astype(jnp.float32)
+        onehot_p = jax.nn.one_hot(pred, n_classes, dtype=jnp.float32).reshape(-1, n_classes)
+        onehot_y = jax.nn.one_hot(y, n_classes, dtype=jnp.float32).reshape(-1, n_classes)
+        inter = jnp.sum(onehot_p * onehot_y, axis=0)
+        union = jnp.sum(jnp.maximum(onehot_p, onehot_y), axis=0)
+        return jnp.sum(nll) / (nll.size / len(y)), jnp.stack([inter, union])
+
+    return evaluate
+
+
+def evaluate(fn: Callable, params, x: np.ndarray, y: np.ndarray, task: str, batch: int = 1000):
+    """``(mean loss, accuracy or mean IoU)`` over a whole split, in batches."""
+    total_loss, total = 0.0, 0.0
+    for start in range(0, len(x), batch):
+        loss, metric = fn(params, jnp.asarray(x[start : start + batch]), y[start : start + batch])
+        total_loss += float(loss)
+        total = total + np.asarray(metric)
+    if task == "classification":
+        return total_loss / len(x), float(total) / len(x)
+    inter, union = total
+    present = union > 0
+    return total_loss / len(x), float(np.mean(inter[present] / union[present]))
+
+
+def train(
+    model,
+    data: Dataset,
+    spec: OptimizerSpec,
+    *,
+    epochs: int,
+    batch_size: int,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict:
+    """Train ``model`` on ``data`` with ``spec`` and return the per-epoch curves.
+
+    Returns a JSON-ready dict: ``optimizer``, ``label``, ``learning_rate``, ``options`` and
+    lists indexed by epoch (0 = before training) ``train_loss``, ``test_loss``,
+    ``train_metric``, ``test_metric`` (accuracy or mean IoU), ``epoch_seconds`` (training only,
+    compilation excluded; 0 for epoch 0), plus ``compile_seconds`` and ``steps_per_epoch``.
+    """
+    if batch_size > len(data.x_train):
+        raise ValueError(
+            f"batch size {batch_size} is larger than the training set ({len(data.x_train)})"
+        )
+    steps_per_epoch = len(data.x_train) // batch_size  # the remainder is dropped (fixed shapes)
+    opt = spec.build(steps_per_epoch)
+    params = model.init(np.random.default_rng(seed))
+    state = opt.init(params)
+    step = make_step(model, opt, uses_features=spec.name == "lnb")
+    evaluate_fn = make_eval(model, data.n_classes)
+
+    x0, y0 = jnp.asarray(data.x_train[:batch_size]), jnp.asarray(data.y_train[:batch_size])
+    start = time.perf_counter()
+    compiled = step.lower(params, state, x0, y0).compile()
+    compile_seconds = time.perf_counter() - start
+
+    record: dict[str, Any] = {
+        "optimizer": spec.name,
+        "label": spec.label(),
+        "learning_rate": spec.learning_rate,
+        "decay": spec.decay,
+        "options": spec.options,
+        "seed": seed,
+        "batch_size": batch_size,
+        "steps_per_epoch": steps_per_epoch,
+        "compile_seconds": compile_seconds,
+        "train_loss": [],
+        "test_loss": [],
+        "train_metric": [],
+        "test_metric": [],
+        "epoch_seconds": [],
+        "diverged": False,
+    }
+
+    def log_epoch(seconds: float) -> None:
+        for split, x, y in (
+            ("train", data.x_train, data.y_train),
+            ("test", data.x_test, data.y_test),
+        ):
+            loss, metric = evaluate(evaluate_fn, params, x, y, data.task)
+            record[f"{split}_loss"].append(loss)
+            record[f"{split}_metric"].append(metric)
+        record["epoch_seconds"].append(seconds)
+
+    log_epoch(0.0)
+    rng = np.random.default_rng(seed)
+    bar = tqdm(range(epochs), desc=spec.label(), disable=not progress, leave=False)
+    for _ in bar:
+        order = rng.permutation(len(data.x_train))
+        batches = [
+            (
+                jnp.asarray(data.x_train[order[i * batch_size : (i + 1) * batch_size]]),
+                jnp.asarray(data.y_train[order[i * batch_size : (i + 1) * batch_size]]),
+            )
+            for i in range(steps_per_epoch)
+        ]
+        start = time.perf_counter()
+        for x, y in batches:
+            params, state, value = compiled(params, state, x, y)
+        jax.block_until_ready(params)
+        log_epoch(time.perf_counter() - start)
+        bar.set_postfix(
+            loss=f"{record['train_loss'][-1]:.4f}", test=f"{record['test_metric'][-1]:.4f}"
+        )
+        if not np.isfinite(record["train_loss"][-1]):
+            record["diverged"] = True
+            break
+    return record
