@@ -121,6 +121,8 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     out = Path(args.out)
     check_writable(out)
     exp = EXPERIMENTS[args.experiment]
+    if args.layernorm_affine and exp.model != "vit":
+        raise UsageError("--layernorm-affine applies to the vit experiment only")
     optimizers = [o.strip() for o in args.optimizers.split(",") if o.strip()]
     unknown = [o for o in optimizers if o not in exp.optimizers]
     if unknown:
@@ -145,6 +147,8 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         n_train=args.n_train,
         n_test=args.n_test,
         learning_rates=lrs,
+        target=args.target,
+        model_options={"layernorm_affine": True} if args.layernorm_affine else None,
         progress=not args.quiet,
     )
     result["seconds"] = time.perf_counter() - start
@@ -245,6 +249,17 @@ def parser() -> argparse.ArgumentParser:
         action="append",
         metavar="OPT=VALUE",
         help="override a learning rate, e.g. --lr adam=3e-3 (repeatable)",
+    )
+    rep.add_argument(
+        "--layernorm-affine",
+        action="store_true",
+        help="vit: give the LayerNorms a learned scale and bias (the paper did not)",
+    )
+    rep.add_argument(
+        "--target",
+        type=float,
+        default=None,
+        help="test metric level for 'epochs to target' (default: the experiment's)",
     )
     rep.add_argument("--quiet", action="store_true")
     rep.set_defaults(func=cmd_reproduce)

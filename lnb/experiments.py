@@ -63,7 +63,7 @@ EXPERIMENTS: dict[str, Experiment] = {
         epochs=300,
         target=1.0,
         optimizers={
-            "lnb": OptimizerSpec("lnb", 100.0, 0.95, {"b1": 0.0, "ridge": 0.0}),
+            "lnb": OptimizerSpec("lnb", 300.0, 0.95, {"b1": 0.0, "ridge": 0.0}),
             "adam": OptimizerSpec("adam", 1.0),
             "sgd": OptimizerSpec("sgd", 3e-3),
         },
@@ -73,8 +73,8 @@ EXPERIMENTS: dict[str, Experiment] = {
         "§5.2 MLP 800-800 tanh, Glorot normal, original pixels",
         model="mlp",
         optimizers={
-            "lnb": OptimizerSpec("lnb", 0.03, 0.75, LNB_OPTIONS),
-            "adam": OptimizerSpec("adam", 1e-3),
+            "lnb": OptimizerSpec("lnb", 0.01, 0.75, LNB_OPTIONS),
+            "adam": OptimizerSpec("adam", 3e-4),
             "sgd": OptimizerSpec("sgd", 0.1),
         },
     ),
@@ -83,7 +83,7 @@ EXPERIMENTS: dict[str, Experiment] = {
         "CNN: convs 16, 32 (3×3, strides 1, 2, bias, ReLU) + dense",
         model="cnn",
         optimizers={
-            "lnb": OptimizerSpec("lnb", 0.03, 0.75, LNB_OPTIONS),
+            "lnb": OptimizerSpec("lnb", 0.01, 0.75, LNB_OPTIONS),
             "adam": OptimizerSpec("adam", 3e-3),
             "sgd": OptimizerSpec("sgd", 0.1),
         },
@@ -95,8 +95,8 @@ EXPERIMENTS: dict[str, Experiment] = {
         target=0.9,
         model_options={"patch": 2, "dim": 64, "depth": 2, "heads": 4, "mlp_dim": 128},
         optimizers={
-            "lnb": OptimizerSpec("lnb", 0.1, 0.75, LNB_OPTIONS),
-            "adam": OptimizerSpec("adam", 1e-3),
+            "lnb": OptimizerSpec("lnb", 0.03, 0.75, LNB_OPTIONS),
+            "adam": OptimizerSpec("adam", 3e-3),
             "sgd": OptimizerSpec("sgd", 0.1),
         },
     ),
@@ -105,7 +105,7 @@ EXPERIMENTS: dict[str, Experiment] = {
         "§5.4 UNet on synthetic shapes segmentation (mean IoU)",
         dataset="shapes",
         model="unet",
-        target=0.5,
+        target=0.4,
         batch_size=50,
         epochs=6,
         n_train=1000,
@@ -142,6 +142,7 @@ def run(
     n_test: int | None = None,
     learning_rates: dict[str, float] | None = None,
     model_options: dict | None = None,
+    target: float | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Run one experiment with each optimizer (same initial parameters and batches) and return
@@ -166,7 +167,7 @@ def run(
     config = {
         "experiment": name,
         "description": exp.description,
-        "target": exp.target,
+        "target": exp.target if target is None else target,
         "epochs": epochs,
         "seed": seed,
         "optimizers": [

@@ -70,3 +70,20 @@ def test_a_wrong_metric_product_is_caught(monkeypatch):
     assert not passed(errors)
     report = format_report(errors)
     assert "**NO**" in next(line for line in report.splitlines() if "| metric product |" in line)
+
+
+def test_the_lnb_check_command_exits_nonzero_over_tolerance(monkeypatch, capsys):
+    """The command's wiring: the report is printed and the exit code follows ``passed`` (the
+    engine itself is exercised above)."""
+    import lnb.check
+    from lnb.cli import main
+
+    good = {key: TOLERANCES[key] / 10 for key in QUANTITIES}
+    monkeypatch.setattr(lnb.check, "run_check", lambda n, seed=None, progress=True: good)
+    assert main(["check", "--problems", "1", "--quiet"]) == 0
+    assert "all within tolerance" in capsys.readouterr().out
+    bad = {**good, "theta_hat": 1e-6}
+    monkeypatch.setattr(lnb.check, "run_check", lambda n, seed=None, progress=True: bad)
+    assert main(["check", "--problems", "1", "--quiet"]) == 1
+    out = capsys.readouterr().out
+    assert "SOME QUANTITIES ARE OVER TOLERANCE" in out and "**NO**" in out

@@ -34,7 +34,7 @@ TINY = {
     "mlp": ["--n-train", "300", "--n-test", "100", "--batch-size", "50"],
     "mlp-inverted": ["--n-train", "300", "--n-test", "100", "--batch-size", "50"],
     "cnn": ["--n-train", "300", "--n-test", "100", "--batch-size", "50"],
-    "vit": ["--n-train", "200", "--n-test", "100", "--batch-size", "50"],
+    "vit": ["--n-train", "200", "--n-test", "100", "--batch-size", "50", "--layernorm-affine"],
     "unet": ["--n-train", "100", "--n-test", "40", "--batch-size", "20"],
 }
 
@@ -48,6 +48,8 @@ def test_every_experiment_runs_from_the_command_and_learns(experiment, tmp_path,
     assert (tmp_path / f"{experiment}.png").stat().st_size > 10_000
     assert {"config", "dataset", "metric", "runs", "machine"} <= set(result)
     assert result["config"]["experiment"] == experiment
+    if experiment == "vit":  # the LayerNorm-with-affine option reached the model
+        assert result["config"]["model_options"]["layernorm_affine"] is True
     assert [r["optimizer"] for r in result["runs"]] == ["lnb", "adam"]
     for r in result["runs"]:
         assert RUN_KEYS <= set(r)
@@ -69,6 +71,9 @@ def test_clear_errors(tmp_path, capsys):
 
     assert main(["reproduce", "mlp", "--optimizers", "lnb,rmsprop", "--out", str(tmp_path)]) == 2
     assert "unknown optimizer(s) rmsprop; choose from lnb, adam, sgd" in capsys.readouterr().err
+
+    assert main(["reproduce", "mlp", "--layernorm-affine", "--out", str(tmp_path)]) == 2
+    assert "--layernorm-affine applies to the vit experiment only" in capsys.readouterr().err
 
     blocker = tmp_path / "file"
     blocker.write_text("")
