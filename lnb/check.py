@@ -461,6 +461,9 @@ def step_errors(
     rng = np.random.default_rng(0) if rng is None else rng
     thetas = net.init(rng)
     params = ref_to_jax(net, thetas)
+    # Every option explicit on both sides: lnb_fast's defaults for γ and b1 differ from the
+    # reference's (docs/fast.md), so the reference's defaults are passed to both.
+    kw = {"ridge": 0.0, "z0": 0.0, "b1": 0.9, "b2": 0.99, "weight_decay": 0.0, **kw}
     ref = OnlineLNB(net.neurons, **kw)
     ref_state = ref.init(thetas)
     opt = lnb_fast.lnb(**{"learning_rate" if k == "epsilon" else k: v for k, v in kw.items()})
