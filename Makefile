@@ -3,12 +3,14 @@
 #   make test   -- lint + the test suite
 # Both create/refresh the virtual environment in $(VENV) from pyproject.toml when it changed.
 
+export NO_MKDOCS_2_WARNING := 1
+
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo demo-ref test test-slow lint format clean data
+.PHONY: demo demo-ref test test-slow lint format clean data docs docs-build
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "lnb needs Python >= 3.11, found " + sys.version.split()[0]'
@@ -37,11 +39,23 @@ format: $(STAMP)
 	$(PY) -m ruff check --fix .
 	$(PY) -m ruff format lnb_ref lnb_fast tests benchmarks
 
+# The suite executes the notebooks (writing rendered copies to docs/notebooks/), then the docs
+# site is built in strict mode from them, so CI (.ci/run -> make test) checks both.
 test: lint
 	$(PY) -m pytest
+	$(MAKE) docs-build
+
+# `make docs`: execute the notebooks, then build the site (strict: warnings and broken links
+# fail) into build/site/.
+docs: $(STAMP)
+	$(PY) -m pytest -q tests/test_notebooks.py
+	$(MAKE) docs-build
+
+docs-build: $(STAMP)
+	$(VENV)/bin/mkdocs build --strict --quiet
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -m slow
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis results build *.egg-info
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis results build *.egg-info docs/notebooks/*.ipynb

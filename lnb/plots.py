@@ -9,21 +9,15 @@ import numpy as np
 COLORS = {"lnb": "C0", "adam": "C1", "sgd": "C2"}
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_results(results: list[dict], path: str | Path, title: str | None = None) -> Path:
     """Four panels per figure: training loss and test metric against epoch and against wall
     time (compilation excluded). Several results (e.g. original and inverted pixels) share the
     axes: solid lines for the first, dashed for the second, dotted for the third."""
-    plt = _pyplot()
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
+    # matplotlib's object API: no pyplot, no backend switch (safe inside notebooks too).
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(11, 7.5))
+    axes = fig.subplots(2, 2)
     styles = ["-", "--", ":"]
     for result, style in zip(results, styles, strict=False):
         label_data = result.get("dataset", {}).get("name", "")
@@ -60,5 +54,4 @@ def plot_results(results: list[dict], path: str | Path, title: str | None = None
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
