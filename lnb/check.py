@@ -49,6 +49,8 @@ from lnb_ref.network import CNN, MLP, Network
 from lnb_ref.neurons import Conv2d, Dense
 from lnb_ref.solvers import design_moments, paper_preconditioner, pcg
 
+from .testing import correlated_features, rel_err
+
 #: The largest relative error ``lnb check`` accepts per quantity (see the module docstring):
 #: 1e-10 per neuron, 1e-9 for the parameters after ≥ 10 whole steps. Measured over 500 random
 #: problems: at most 7e-16 (metric product), 5e-14 (CG iterates, θ̂), 3e-14 (z); steps ≤ 4e-14.
@@ -64,19 +66,6 @@ TOLERANCES: dict[str, float] = {
 class CheckError(AssertionError):
     """The two sides do not even describe the same problem (neuron not found, another ``n_i``,
     another number of iterates): no relative error can be computed."""
-
-
-def rel_err(a, b) -> float:
-    """``‖a − b‖ / max(‖b‖, tiny)`` over whole arrays (Frobenius norms)."""
-    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-300))
-
-
-def correlated_features(rng, n: int, d: int, mean_scale: float = 1.0) -> np.ndarray:
-    """Rows with a nonzero mean, unequal scales and correlated columns (a random mixing)."""
-    mix = rng.normal(size=(d, d)) / np.sqrt(d) + np.eye(d)
-    scales = np.exp(rng.uniform(-1.0, 1.0, size=d))
-    return (rng.normal(size=(n, d)) @ mix) * scales + mean_scale * rng.normal(size=d)
 
 
 # --- one neuron on each side ----------------------------------------------------------------------

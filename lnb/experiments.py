@@ -269,12 +269,7 @@ def run_matfact(specs: list[OptimizerSpec], steps: int, seed: int, progress: boo
         excess = [v - optimum for v in losses]
         runs.append(
             {
-                "optimizer": spec.name,
-                "label": spec.label(),
-                "learning_rate": spec.learning_rate,
-                "decay": spec.decay,
-                "options": spec.options,
-                "seed": seed,
+                **spec.record(seed),
                 "compile_seconds": compile_seconds,
                 "train_loss": losses,
                 "train_metric": excess,

@@ -47,6 +47,17 @@ class OptimizerSpec:
         lr = f"{self.learning_rate:g}" + (f"·{self.decay:g}^epoch" if self.decay != 1.0 else "")
         return f"{self.name} (lr {lr})"
 
+    def record(self, seed: int) -> dict[str, Any]:
+        """The header of a run's JSON record: which optimizer, with what settings."""
+        return {
+            "optimizer": self.name,
+            "label": self.label(),
+            "learning_rate": self.learning_rate,
+            "decay": self.decay,
+            "options": self.options,
+            "seed": seed,
+        }
+
     def build(self, steps_per_epoch: int = 1) -> optax.GradientTransformation:
         if self.name not in OPTIMIZERS:
             raise ValueError(
@@ -153,12 +164,7 @@ def train(
     compile_seconds = time.perf_counter() - start
 
     record: dict[str, Any] = {
-        "optimizer": spec.name,
-        "label": spec.label(),
-        "learning_rate": spec.learning_rate,
-        "decay": spec.decay,
-        "options": spec.options,
-        "seed": seed,
+        **spec.record(seed),
         "batch_size": batch_size,
         "steps_per_epoch": steps_per_epoch,
         "compile_seconds": compile_seconds,

@@ -22,18 +22,7 @@ settings.load_profile("ci")
 
 RTOL = 1e-10
 
-
-def rel_err(a, b) -> float:
-    """``‖a − b‖ / max(‖b‖, tiny)`` over whole arrays (Frobenius norms)."""
-    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-300))
-
-
-def correlated_features(rng, n: int, d: int, mean_scale: float = 1.0) -> np.ndarray:
-    """Rows with a nonzero mean, unequal scales and correlated columns (a random mixing)."""
-    mix = rng.normal(size=(d, d)) / np.sqrt(d) + np.eye(d)
-    scales = np.exp(rng.uniform(-1.0, 1.0, size=d))
-    return (rng.normal(size=(n, d)) @ mix) * scales + mean_scale * rng.normal(size=d)
+from lnb.testing import correlated_features, rel_err  # noqa: E402, F401 - shared helpers
 
 
 def naive_conv2d(X, filters, bias, stride, padding, dilation, groups):

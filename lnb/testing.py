@@ -1,0 +1,19 @@
+"""Small NumPy helpers shared by the test suite and ``lnb check`` (no JAX import here, so the
+reference's tests can use them without the fast backend)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def rel_err(a, b) -> float:
+    """``‖a − b‖ / max(‖b‖, tiny)`` over whole arrays (Frobenius norms)."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-300))
+
+
+def correlated_features(rng, n: int, d: int, mean_scale: float = 1.0) -> np.ndarray:
+    """Rows with a nonzero mean, unequal scales and correlated columns (a random mixing)."""
+    mix = rng.normal(size=(d, d)) / np.sqrt(d) + np.eye(d)
+    scales = np.exp(rng.uniform(-1.0, 1.0, size=d))
+    return (rng.normal(size=(n, d)) @ mix) * scales + mean_scale * rng.normal(size=d)
