@@ -1,6 +1,6 @@
 # Two entry points, each self-contained on a fresh machine with Python >= 3.11:
 #   make demo   -- the main job (`lnb demo`: matrix factorization + digits MLP, LNB vs Adam)
-#   make test   -- lint + the test suite
+#   make test   -- lint + the test suite (notebooks included) + the strict docs build
 # Both create/refresh the virtual environment in $(VENV) from pyproject.toml when it changed.
 
 export NO_MKDOCS_2_WARNING := 1
