@@ -81,10 +81,11 @@ def _signature(tree) -> tuple:
 
 
 class Traced:
-    """A loss function traced for one input signature: its jaxpr and its neuron table."""
+    """A loss function traced for one input signature: its jaxpr and its neuron table.
+
+    Built by :meth:`ValueAndGrad.trace`, which has already checked the parameters."""
 
     def __init__(self, loss_fn: Callable, params, args: tuple, has_aux: bool):
-        check_params(params)
         leaves, treedef = jax.tree_util.tree_flatten(params)
         abstract = jax.tree_util.tree_map(
             lambda x: jax.ShapeDtypeStruct(jax.numpy.shape(x), jax.numpy.result_type(x)),

@@ -112,13 +112,16 @@ class Use:
 class Walk:
     """Everything the walk records."""
 
-    n_leaves: int
     shapes: list[tuple[int, ...]]
     neurons: list[Neuron] = field(default_factory=list)
     uses: dict[int, list[Use]] = field(default_factory=dict)
     # (call path, Var) -> (neuron index, slot): slot 0 is X, slots 1... the extra scale factors
     sites: dict[tuple, list[tuple[int, int]]] = field(default_factory=dict)
     paths: list[str] = field(default_factory=list)
+
+    @property
+    def n_leaves(self) -> int:
+        return len(self.shapes)
 
     def use(self, leaf: int, use: Use) -> None:
         self.uses.setdefault(leaf, []).append(use)
@@ -128,7 +131,7 @@ def walk(closed_jaxpr, n_param_leaves: int, paths: list[str]) -> Walk:
     """Walk ``closed_jaxpr`` whose first ``n_param_leaves`` inputs are the parameters."""
     jaxpr = closed_jaxpr.jaxpr
     shapes = [tuple(v.aval.shape) for v in jaxpr.invars[:n_param_leaves]]
-    w = Walk(n_leaves=n_param_leaves, shapes=shapes, paths=paths)
+    w = Walk(shapes=shapes, paths=paths)
     ins = [ParamRef(i) if i < n_param_leaves else Data(True) for i in range(len(jaxpr.invars))]
     _walk(w, jaxpr, [CONST] * len(jaxpr.constvars), ins, path=())
     return w
@@ -306,7 +309,6 @@ def _neuron(w: Walk, kind, eqn, ref: ParamRef, x_var, p: int, n: int, path: tupl
             n_samples=n,
             core=_core(eqn, p),
             w_chain=ref.chain,
-            site=(path[:-1], x_var),
         )
     )
     w.use(ref.leaf, Use("weight", nid))
@@ -343,7 +345,6 @@ def _tagged(w: Walk, eqn, ins, params, path) -> list:
         x_dtype=x_var.aval.dtype,
         n_samples=n,
         core=core,
-        site=(path[:-1], x_var),
     )
     if len(refs) == 2:
         neuron.bias, neuron.bias_path = refs[1].leaf, w.paths[refs[1].leaf]

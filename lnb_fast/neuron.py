@@ -74,7 +74,6 @@ class Neuron:
             elements for a dense neuron, output pixels for a convolution, uses of each entry
             for a scale.
         x_shape, x_dtype: the input features' aval.
-        site: where ``X`` lives in the jaxpr (used by :mod:`lnb_fast.capture`).
         extra: for a scale whose output is multiplied again by activations (Flax's LayerNorm
             computes ``(x − m) · (rsqrt(v) · scale)``), the operand position and shape of each
             further factor; ``X`` is then the tuple of all factors and ``f = (X₀ ⊙ s) ⊙ X₁ ...``.
@@ -95,7 +94,6 @@ class Neuron:
     bias_path: str | None = None
     bias_shape: tuple[int, ...] | None = None
     b_chain: tuple[Step, ...] = ()
-    site: Any = None
     extra: tuple[tuple[int, tuple[int, ...]], ...] = ()
     free_axes: tuple[int, ...] | None = None
     _rows: RowMap | None = field(default=None, repr=False)

@@ -141,9 +141,11 @@ def lnb(
         if nonfinite == "raise":
             _raise_if_nonfinite(table, bad)
 
-        flat = lambda tree: jax.tree.leaves(tree)  # noqa: E731
-        m_leaves, mu_leaves = flat(state.grad_ema), flat(state.mean)
-        chi_leaves, d_leaves = flat(state.second_moment), flat(state.direction)
+        m_leaves, mu_leaves = jax.tree.leaves(state.grad_ema), jax.tree.leaves(state.mean)
+        chi_leaves, d_leaves = (
+            jax.tree.leaves(state.second_moment),
+            jax.tree.leaves(state.direction),
+        )
 
         t = state.count + 1
         dtype = jnp.result_type(*g_leaves) if g_leaves else jnp.float32
