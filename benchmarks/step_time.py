@@ -46,6 +46,7 @@ from jax import lax
 from tqdm.auto import tqdm
 
 import lnb_fast
+from lnb.train import make_step
 
 Params = dict[str, jax.Array]
 Batch = tuple[jax.Array, jax.Array]
@@ -128,24 +129,6 @@ MODELS = {
 }
 
 
-def adam_step(loss_fn: Callable, opt: optax.GradientTransformation) -> Callable:
-    def step(params, state, batch):
-        loss, grads = jax.value_and_grad(loss_fn)(params, batch)
-        updates, state = opt.update(grads, state, params)
-        return optax.apply_updates(params, updates), state, loss
-
-    return jax.jit(step)
-
-
-def lnb_step(value_grad_features: Callable, opt: optax.GradientTransformationExtraArgs):
-    def step(params, state, batch):
-        loss, grads, features = value_grad_features(params, batch)
-        updates, state = opt.update(grads, state, params, features=features)
-        return optax.apply_updates(params, updates), state, loss
-
-    return jax.jit(step)
-
-
 class Runner:
     """One of the timed functions, with the parameters and state it carries between calls."""
 
@@ -171,8 +154,8 @@ def runners(model: Model, batch_size: int) -> tuple[dict[str, Runner], dict[str,
     lnb = lnb_fast.lnb(learning_rate=LEARNING_RATE["lnb"])
     value_grad_features = lnb_fast.value_and_grad(model.loss)
     found = {
-        "adam step": Runner(adam_step(model.loss, adam), params, adam.init(params), batch),
-        "lnb step": Runner(lnb_step(value_grad_features, lnb), params, lnb.init(params), batch),
+        "adam step": Runner(make_step(model.loss, adam, False), params, adam.init(params), batch),
+        "lnb step": Runner(make_step(model.loss, lnb, True), params, lnb.init(params), batch),
         "adam gradient": Runner(jax.jit(jax.value_and_grad(model.loss)), params, None, batch),
         "lnb gradient": Runner(jax.jit(value_grad_features), params, None, batch),
     }

@@ -24,13 +24,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from tqdm.auto import tqdm
 
-import lnb_fast
-
 from . import data as datasets
-from .train import OptimizerSpec
+from .train import OptimizerSpec, make_step
 
 
 @dataclass(frozen=True)
@@ -241,28 +238,15 @@ def run_matfact(specs: list[OptimizerSpec], steps: int, seed: int, progress: boo
     runs = []
     for spec in specs:
         opt = spec.build()
-        if spec.name == "lnb":
-            vgf = lnb_fast.value_and_grad(loss)
-
-            def step(p, s, opt=opt, vgf=vgf):
-                value, grads, feats = vgf(p, (X, Y))
-                updates, s = opt.update(grads, s, p, features=feats)
-                return optax.apply_updates(p, updates), s, value
-        else:
-
-            def step(p, s, opt=opt):
-                value, grads = jax.value_and_grad(loss)(p, (X, Y))
-                updates, s = opt.update(grads, s, p)
-                return optax.apply_updates(p, updates), s, value
-
+        step = make_step(loss, opt, uses_features=spec.name == "lnb")
         params, state = params0, opt.init(params0)
         start = time.perf_counter()
-        compiled = jax.jit(step).lower(params, state).compile()
+        compiled = step.lower(params, state, (X, Y)).compile()
         compile_seconds = time.perf_counter() - start
         losses, seconds = [float(full_loss(params))], [0.0]
         for _ in tqdm(range(steps), desc=spec.label(), disable=not progress, leave=False):
             start = time.perf_counter()
-            params, state, _ = compiled(params, state)
+            params, state, _ = compiled(params, state, (X, Y))
             jax.block_until_ready(params)
             seconds.append(time.perf_counter() - start)
             losses.append(float(full_loss(params)))

@@ -73,23 +73,23 @@ class OptimizerSpec:
         return optax.sgd(lr, **self.options)
 
 
-def make_step(model, opt: optax.GradientTransformation, uses_features: bool) -> Callable:
-    """The jitted training step ``(params, state, x, y) -> (params, state, loss)``."""
-    from .models import loss_fn
-
-    loss = loss_fn(model)
+def make_step(loss: Callable, opt: optax.GradientTransformation, uses_features: bool) -> Callable:
+    """The jitted training step ``(params, state, batch) -> (params, state, loss)`` of
+    ``loss(params, batch)``: gradient, ``opt.update`` and ``optax.apply_updates`` in one XLA
+    computation. With ``uses_features`` (LNB) the gradient comes from
+    :func:`lnb_fast.value_and_grad` and the features go to ``opt.update``."""
     if uses_features:
         vgf = lnb_fast.value_and_grad(loss)
 
-        def step(params, state, x, y):
-            value, grads, features = vgf(params, (x, y))
+        def step(params, state, batch):
+            value, grads, features = vgf(params, batch)
             updates, state = opt.update(grads, state, params, features=features)
             return optax.apply_updates(params, updates), state, value
 
     else:
 
-        def step(params, state, x, y):
-            value, grads = jax.value_and_grad(loss)(params, (x, y))
+        def step(params, state, batch):
+            value, grads = jax.value_and_grad(loss)(params, batch)
             updates, state = opt.update(grads, state, params)
             return optax.apply_updates(params, updates), state, value
 
@@ -155,12 +155,14 @@ def train(
     opt = spec.build(steps_per_epoch)
     params = model.init(np.random.default_rng(seed))
     state = opt.init(params)
-    step = make_step(model, opt, uses_features=spec.name == "lnb")
+    from .models import loss_fn
+
+    step = make_step(loss_fn(model), opt, uses_features=spec.name == "lnb")
     evaluate_fn = make_eval(model, data.n_classes)
 
     x0, y0 = jnp.asarray(data.x_train[:batch_size]), jnp.asarray(data.y_train[:batch_size])
     start = time.perf_counter()
-    compiled = step.lower(params, state, x0, y0).compile()
+    compiled = step.lower(params, state, (x0, y0)).compile()
     compile_seconds = time.perf_counter() - start
 
     record: dict[str, Any] = {
@@ -200,7 +202,7 @@ def train(
         ]
         start = time.perf_counter()
         for x, y in batches:
-            params, state, value = compiled(params, state, x, y)
+            params, state, value = compiled(params, state, (x, y))
         jax.block_until_ready(params)
         log_epoch(time.perf_counter() - start)
         bar.set_postfix(
