@@ -22,8 +22,9 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from lnb.cli import markdown, write_json
+from lnb.cli import markdown
 from lnb.experiments import EXPERIMENTS, run, to_target
+from lnb_ref.matfact import save_json
 
 GRIDS = {
     "matfact": {"lnb": [30.0, 100.0, 300.0], "adam": [0.1, 0.3, 1.0, 3.0]},
@@ -147,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     text = table(rows)
     seconds = time.perf_counter() - start
     command = "python benchmarks/convergence.py " + " ".join(argv or sys.argv[1:])
-    write_json(
+    save_json(
         out / "convergence.json",
         {"command": command.strip(), "seconds": seconds, "summary": rows, "sweeps": sweeps},
     )

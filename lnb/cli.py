@@ -14,8 +14,6 @@ optimizer, unwritable output folder, missing optional dataset).
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import os
 import platform
 import sys
@@ -25,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from lnb_ref.matfact import save_json
 
 from .data import MissingDatasetError
 
@@ -52,21 +52,6 @@ def machine() -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "command": " ".join(["lnb", *sys.argv[1:]]),
     }
-
-
-def write_json(path: Path, payload: dict) -> None:
-    def clean(value):
-        if isinstance(value, dict):
-            return {str(k): clean(v) for k, v in value.items()}
-        if isinstance(value, (list, tuple)):
-            return [clean(v) for v in value]
-        if isinstance(value, (np.floating, float)):
-            return float(value) if math.isfinite(value) else None
-        if isinstance(value, np.integer):
-            return int(value)
-        return value
-
-    path.write_text(json.dumps(clean(payload), indent=1))
 
 
 def summary_rows(result: dict) -> list[dict[str, str]]:
@@ -110,7 +95,7 @@ def save(result: dict, out: Path, name: str, title: str) -> list[Path]:
     from .plots import plot_results
 
     result = {**result, "machine": machine()}
-    write_json(out / f"{name}.json", result)
+    save_json(out / f"{name}.json", result)
     return [out / f"{name}.json", plot_results([result], out / f"{name}.png", title)]
 
 
@@ -177,7 +162,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     }
     seconds = time.perf_counter() - start
     payload = {"seconds": seconds, "machine": machine(), "results": results}
-    write_json(out / "demo.json", payload)
+    save_json(out / "demo.json", payload)
     paths = [
         out / "demo.json",
         plot_results(

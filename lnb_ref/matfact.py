@@ -238,9 +238,12 @@ def compare(
 
 
 def save_json(path, payload: dict) -> None:
-    """Write ``payload`` (numpy arrays become lists, inf becomes null) as JSON."""
+    """Write ``payload`` as JSON: numpy arrays become lists, numpy scalars Python numbers, and
+    non-finite floats (inf, nan) null."""
 
     def clean(v):
+        if isinstance(v, np.generic):
+            return clean(v.item())
         if isinstance(v, np.ndarray):
             return [clean(x) for x in v.tolist()]
         if isinstance(v, float) and not math.isfinite(v):
