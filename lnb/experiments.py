@@ -51,6 +51,17 @@ class Experiment:
 #: benchmarks/convergence.py) and a ridge γ = 0.1 (the paper's "fixed (ridge) regularizer").
 LNB_OPTIONS = {"ridge": 0.1, "b1": 0.0}
 
+
+def minibatch_optimizers(lnb_epsilon: float, adam_lr: float) -> dict[str, OptimizerSpec]:
+    """LNB (``LNB_OPTIONS``, ε ×0.75 per epoch), Adam and SGD (lr 0.1) for a minibatch
+    experiment, at the best ε and Adam rate of ``benchmarks/convergence.py``'s grids."""
+    return {
+        "lnb": OptimizerSpec("lnb", lnb_epsilon, 0.75, LNB_OPTIONS),
+        "adam": OptimizerSpec("adam", adam_lr),
+        "sgd": OptimizerSpec("sgd", 0.1),
+    }
+
+
 EXPERIMENTS: dict[str, Experiment] = {
     "matfact": Experiment(
         "matfact",
@@ -69,21 +80,13 @@ EXPERIMENTS: dict[str, Experiment] = {
         "mlp",
         "§5.2 MLP 800-800 tanh, Glorot normal, original pixels",
         model="mlp",
-        optimizers={
-            "lnb": OptimizerSpec("lnb", 0.01, 0.75, LNB_OPTIONS),
-            "adam": OptimizerSpec("adam", 3e-4),
-            "sgd": OptimizerSpec("sgd", 0.1),
-        },
+        optimizers=minibatch_optimizers(0.01, 3e-4),
     ),
     "cnn": Experiment(
         "cnn",
         "CNN: convs 16, 32 (3×3, strides 1, 2, bias, ReLU) + dense",
         model="cnn",
-        optimizers={
-            "lnb": OptimizerSpec("lnb", 0.01, 0.75, LNB_OPTIONS),
-            "adam": OptimizerSpec("adam", 3e-3),
-            "sgd": OptimizerSpec("sgd", 0.1),
-        },
+        optimizers=minibatch_optimizers(0.01, 3e-3),
     ),
     "vit": Experiment(
         "vit",
@@ -91,11 +94,7 @@ EXPERIMENTS: dict[str, Experiment] = {
         model="vit",
         target=0.9,
         model_options={"patch": 2, "dim": 64, "depth": 2, "heads": 4, "mlp_dim": 128},
-        optimizers={
-            "lnb": OptimizerSpec("lnb", 0.03, 0.75, LNB_OPTIONS),
-            "adam": OptimizerSpec("adam", 3e-3),
-            "sgd": OptimizerSpec("sgd", 0.1),
-        },
+        optimizers=minibatch_optimizers(0.03, 3e-3),
     ),
     "unet": Experiment(
         "unet",
@@ -106,11 +105,7 @@ EXPERIMENTS: dict[str, Experiment] = {
         batch_size=50,
         epochs=6,
         n_train=1000,
-        optimizers={
-            "lnb": OptimizerSpec("lnb", 0.1, 0.75, LNB_OPTIONS),
-            "adam": OptimizerSpec("adam", 3e-3),
-            "sgd": OptimizerSpec("sgd", 0.1),
-        },
+        optimizers=minibatch_optimizers(0.1, 3e-3),
     ),
 }
 EXPERIMENTS["mlp-inverted"] = replace(
