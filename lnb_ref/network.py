@@ -67,6 +67,8 @@ ACTIVATIONS: dict[str, Activation] = {
     # The derivative at the kink z = 0 is taken as 0 (as in every deep-learning library).
     "relu": Activation(lambda z: np.maximum(z, 0.0), lambda z, a: (z > 0).astype(z.dtype)),
     "identity": Activation(lambda z: z, lambda z, a: np.ones_like(z)),
+    # The logistic function 1/(1 + e^{-z}), written with tanh so that it cannot overflow.
+    "sigmoid": Activation(lambda z: 0.5 * (1.0 + np.tanh(0.5 * z)), lambda z, a: a * (1.0 - a)),
 }
 
 
@@ -194,6 +196,30 @@ class Record:
     post: np.ndarray
 
 
+@dataclass
+class Tape:
+    """Everything one forward and backward pass computed (:meth:`Network.backprop`).
+
+    Attributes:
+        loss: ℓ, a mean over the samples.
+        records: the forward pass, one :class:`Record` per neuron.
+        errors_pre: ``λ_i = ∂ℓ/∂z_i`` on each neuron's output (Eq. 6–7), shaped like ``z_i``.
+        errors_post: ``∂ℓ/∂a_i`` on each layer's output after its activation.
+        grads: ``g_i = Φ(X_i)ᵀ λ_i``, each of ``neurons[i].theta_shape``.
+    """
+
+    loss: float
+    records: list[Record]
+    errors_pre: list[np.ndarray]
+    errors_post: list[np.ndarray]
+    grads: list[np.ndarray]
+
+    @property
+    def features(self) -> list[np.ndarray]:
+        """``X_i``, the input of every neuron."""
+        return [rec.features for rec in self.records]
+
+
 class Network:
     """A chain of linear neurons with activations and a loss; the base of :class:`MLP` and
     :class:`CNN`. Subclasses build ``neurons``, ``activations`` (one name per neuron) and
@@ -295,35 +321,53 @@ class Network:
         return float(np.mean(np.argmax(out, axis=1) == Y))
 
     # --- forward + backward ---------------------------------------------------------------------
-    def loss_grads_features(
-        self, params: Sequence[np.ndarray], X: np.ndarray, Y: np.ndarray
-    ) -> tuple[float, list[np.ndarray], list[np.ndarray]]:
-        """One forward and one backward pass (Eq. 6).
+    def backprop(self, params: Sequence[np.ndarray], X: np.ndarray, Y: np.ndarray) -> Tape:
+        """One forward and one backward pass (Eq. 6), keeping every error on the way.
 
         Backprop walks the layers from the output to the input with the error λ (Eq. 6)::
 
-            λ_i = (∂x_i/∂x_{i-1})ᵀ λ_{i+1},        g_i = (∂x_i/∂θ_i)ᵀ λ_i
+            λ on z_i      = σ_i'(z_i) ⊙ (λ on a_i)             (through the activation)
+            g_i           = (∂z_i/∂θ_i)ᵀ λ = neuron.vjp_theta(X_i, λ)       (Φᵀλ)
+            λ on a_{i-1}  = (∂z_i/∂X_i)ᵀ λ = neuron.vjp_input(X_i, θ_i, λ)  (passed down)
 
-        where the first product is split into the activation (elementwise σ'(z_i)) and the
-        neuron's ``vjp_input``, and the second is the neuron's ``vjp_theta`` (``Φ(X_i)ᵀ λ``).
+        The error on the neuron's output ``z_i`` is the paper's ``λ_i`` (Eq. 7): the regression
+        target of neuron ``i``'s weak learner (Eq. 8). Both errors are per-sample rows of the
+        *mean* loss's gradient, so they carry its ``1/n``.
 
         Returns:
-            ``(loss, grads, features)``: ``grads[i]`` has ``neurons[i].theta_shape``, and
-            ``features[i]`` is ``X_i``, the exact array passed to ``neurons[i].forward``.
+            a :class:`Tape` with the loss, the forward records, ``errors_pre[i] = ∂ℓ/∂z_i``,
+            ``errors_post[i] = ∂ℓ/∂a_i`` and ``grads[i] = g_i`` (``neurons[i].theta_shape``).
         """
         params = self.check_params(params)
         records = self.forward(params, X)
         Y = self.check_targets(Y, records[-1].post.shape[0])
         loss, lam = self._loss_fn(records[-1].post, Y)  # λ = ∂ℓ/∂a_last
-        grads: list[np.ndarray] = [np.empty(0)] * len(self.neurons)
-        for i in reversed(range(len(self.neurons))):
+        m = len(self.neurons)
+        grads: list[np.ndarray] = [np.empty(0)] * m
+        pre: list[np.ndarray] = [np.empty(0)] * m
+        post: list[np.ndarray] = [np.empty(0)] * m
+        for i in reversed(range(m)):
             neuron, rec = self.neurons[i], records[i]
+            post[i] = lam
             lam = get_activation(self.activations[i]).grad(rec.pre, rec.post) * lam  # on z_i
+            pre[i] = lam
             grads[i] = neuron.vjp_theta(rec.features, lam)  # g_i = Φ(X_i)ᵀ λ
             if i > 0:  # the error on X_i, i.e. on a_{i-1} (un-flattened if needed)
                 lam = neuron.vjp_input(rec.features, params[i], lam)
                 lam = lam.reshape(records[i - 1].post.shape)
-        return loss, grads, [rec.features for rec in records]
+        return Tape(loss, records, pre, post, grads)
+
+    def loss_grads_features(
+        self, params: Sequence[np.ndarray], X: np.ndarray, Y: np.ndarray
+    ) -> tuple[float, list[np.ndarray], list[np.ndarray]]:
+        """One forward and one backward pass (Eq. 6, see :meth:`backprop`).
+
+        Returns:
+            ``(loss, grads, features)``: ``grads[i]`` has ``neurons[i].theta_shape``, and
+            ``features[i]`` is ``X_i``, the exact array passed to ``neurons[i].forward``.
+        """
+        tape = self.backprop(params, X, Y)
+        return tape.loss, tape.grads, tape.features
 
     # --- parameters -----------------------------------------------------------------------------
     def init(self, rng: np.random.Generator, scheme: str = "glorot_normal") -> list[np.ndarray]:
