@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/convergence.py              # all six, ~10 min on 2 CPU cores
     .venv/bin/python benchmarks/convergence.py --experiments mlp,cnn --seeds 0
+    .venv/bin/python benchmarks/convergence.py --related     # + FOOF, LocoProp-S/M, ProxProp
 
 For each experiment each optimizer's learning rate is grid-searched (the paper grid-searches
 Adam's; we do the same for LNB's ε) on the experiment's default schedule; the best setting is
@@ -30,17 +31,41 @@ GRIDS = {
     "matfact": {"lnb": [30.0, 100.0, 300.0], "adam": [0.1, 0.3, 1.0, 3.0]},
     "default": {"lnb": [0.01, 0.03, 0.1], "adam": [3e-4, 1e-3, 3e-3]},
 }
+#: Learning-rate grids of the related methods (``--related``), around each one's default.
+RELATED_GRIDS = {
+    "matfact": {
+        "foof": [0.03, 0.1, 0.3],
+        "locoprop-s": [0.03, 0.1, 0.3],
+        "locoprop-m": [0.03, 0.1, 0.3],
+        "proxprop": [1e-6, 1e-5, 1e-4],
+    },
+    "default": {
+        "foof": [0.01, 0.03, 0.1],
+        "locoprop-s": [0.3, 1.0, 3.0],
+        "locoprop-m": [0.3, 1.0, 3.0],
+        "proxprop": [0.01, 0.03, 0.1],
+    },
+}
+RELATED = ("foof", "locoprop-s", "locoprop-m", "proxprop")
 SEEDS = {"mlp": [0, 1, 2], "mlp-inverted": [0, 1, 2], "cnn": [0, 1], "matfact": [0]}
 
 
-def sweep(name: str, seeds: list[int], bar: tqdm) -> dict:
+def grid_of(name: str, opt: str) -> list[float]:
+    """The learning rates tried for optimizer ``opt`` on experiment ``name``."""
+    for grids in (GRIDS, RELATED_GRIDS):
+        grid = grids.get(name, grids["default"])
+        if opt in grid:
+            return grid[opt]
+    raise KeyError(f"no learning-rate grid for {opt} on {name}")
+
+
+def sweep(name: str, seeds: list[int], bar: tqdm, optimizers=("lnb", "adam")) -> dict:
     """Every (optimizer, learning rate, seed) run of one experiment."""
     exp = EXPERIMENTS[name]
-    grid = GRIDS.get(name, GRIDS["default"])
-    runs: dict[str, dict[float, list[dict]]] = {"lnb": {}, "adam": {}}
+    runs: dict[str, dict[float, list[dict]]] = {opt: {} for opt in optimizers}
     meta = {}
-    for opt in ("lnb", "adam"):
-        for lr in grid[opt]:
+    for opt in optimizers:
+        for lr in grid_of(name, opt):
             for seed in seeds:
                 result = run(name, [opt], seed=seed, learning_rates={opt: lr}, progress=False)
                 runs[opt].setdefault(lr, []).append(result["runs"][0])
@@ -118,13 +143,51 @@ def table(rows: list[dict]) -> str:
     return markdown(out)
 
 
+def related_table(rows: list[dict], optimizers: list[str]) -> str:
+    """One row per (experiment, optimizer): its best setting, final metric, epochs and wall time
+    to the target, and the ratios to Adam's (epochs, wall time, time per epoch)."""
+    out = []
+    fmt = lambda v: "never" if v is None else f"{v:.3g}"  # noqa: E731
+    for row in rows:
+        adam = row["adam"]
+        for opt in optimizers:
+            r = row[opt]
+            out.append(
+                {
+                    "experiment": row["experiment"],
+                    "target": f"{'≤' if row['metric'] == 'excess loss' else '≥'} "
+                    f"{row['target']:g} ({row['metric']})",
+                    "optimizer (best lr)": r["label"],
+                    "final": f"{r['final']:.4g}",
+                    "epochs to target": fmt(r["epochs_to_target"]),
+                    "epochs / Adam's": ratio(r["epochs_to_target"], adam["epochs_to_target"]),
+                    "wall time to target (s)": fmt(r["seconds_to_target"]),
+                    "wall time / Adam's": ratio(r["seconds_to_target"], adam["seconds_to_target"]),
+                    "time per epoch / Adam's": ratio(
+                        r["seconds_per_epoch"], adam["seconds_per_epoch"]
+                    ),
+                    "seeds": str(r["seeds"]),
+                }
+            )
+    return markdown(out)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--experiments", default=",".join(EXPERIMENTS))
+    p.add_argument("--experiments", default=None, help="comma-separated; default: all")
     p.add_argument("--seeds", default=None, help="comma-separated; default per experiment")
     p.add_argument("--out", default="results")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument(
+        "--related",
+        action="store_true",
+        help="also FOOF, LocoProp-S/M and ProxProp (matfact, mlp, mlp-inverted, cnn by default); "
+        "writes results/related.{json,md}",
+    )
     args = p.parse_args(argv)
+    if args.experiments is None:
+        args.experiments = "matfact,mlp,mlp-inverted,cnn" if args.related else ",".join(EXPERIMENTS)
+    optimizers = ["lnb", "adam", *(RELATED if args.related else ())]
     names = [n for n in args.experiments.split(",") if n]
     unknown = [n for n in names if n not in EXPERIMENTS]
     if unknown:
@@ -134,27 +197,26 @@ def main(argv: list[str] | None = None) -> int:
         n: ([int(s) for s in args.seeds.split(",")] if args.seeds else SEEDS.get(n, [0]))
         for n in names
     }
-    total = sum(
-        len(seeds[n]) * sum(len(g) for g in GRIDS.get(n, GRIDS["default"]).values()) for n in names
-    )
+    total = sum(len(seeds[n]) * sum(len(grid_of(n, o)) for o in optimizers) for n in names)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     sweeps, rows = [], []
     with tqdm(total=total, desc="runs", disable=args.quiet) as bar:
         for name in names:
-            sweeps.append(sweep(name, seeds[name], bar))
+            sweeps.append(sweep(name, seeds[name], bar, optimizers))
             rows.append(summarise(sweeps[-1]))
-    text = table(rows)
+    text = related_table(rows, optimizers) if args.related else table(rows)
     seconds = time.perf_counter() - start
     command = "python benchmarks/convergence.py " + " ".join(argv or sys.argv[1:])
+    stem = "related" if args.related else "convergence"
     save_json(
-        out / "convergence.json",
+        out / f"{stem}.json",
         {"command": command.strip(), "seconds": seconds, "summary": rows, "sweeps": sweeps},
     )
-    (out / "convergence.md").write_text(text + "\n")
+    (out / f"{stem}.md").write_text(text + "\n")
     print(text)
-    print(f"\n{seconds:.0f} s; wrote {out / 'convergence.json'}, {out / 'convergence.md'}")
+    print(f"\n{seconds:.0f} s; wrote {out / stem}.json, {out / stem}.md")
     return 0
 
 

@@ -52,13 +52,25 @@ class Experiment:
 LNB_OPTIONS = {"ridge": 0.1, "b1": 0.0}
 
 
+#: The related methods (issue 6) on minibatches, at the middle of the learning-rate grids of
+#: ``benchmarks/convergence.py --related``; ``reproduce --lr NAME=VALUE`` overrides.
+RELATED_OPTIMIZERS = {
+    "foof": OptimizerSpec("foof", 0.03, 0.75),
+    "locoprop-s": OptimizerSpec("locoprop-s", 1.0, 0.75),
+    "locoprop-m": OptimizerSpec("locoprop-m", 1.0, 0.75),
+    "proxprop": OptimizerSpec("proxprop", 0.03, 0.75),
+}
+
+
 def minibatch_optimizers(lnb_epsilon: float, adam_lr: float) -> dict[str, OptimizerSpec]:
     """LNB (``LNB_OPTIONS``, ε ×0.75 per epoch), Adam and SGD (lr 0.1) for a minibatch
-    experiment, at the best ε and Adam rate of ``benchmarks/convergence.py``'s grids."""
+    experiment, at the best ε and Adam rate of ``benchmarks/convergence.py``'s grids, and the
+    related methods of ``RELATED_OPTIMIZERS``."""
     return {
         "lnb": OptimizerSpec("lnb", lnb_epsilon, 0.75, LNB_OPTIONS),
         "adam": OptimizerSpec("adam", adam_lr),
         "sgd": OptimizerSpec("sgd", 0.1),
+        **RELATED_OPTIMIZERS,
     }
 
 
@@ -74,6 +86,10 @@ EXPERIMENTS: dict[str, Experiment] = {
             "lnb": OptimizerSpec("lnb", 300.0, 0.95, {"b1": 0.0, "ridge": 0.0}),
             "adam": OptimizerSpec("adam", 1.0),
             "sgd": OptimizerSpec("sgd", 3e-3),
+            "foof": OptimizerSpec("foof", 0.1, 1.0),
+            "locoprop-s": OptimizerSpec("locoprop-s", 0.1, 1.0),
+            "locoprop-m": OptimizerSpec("locoprop-m", 0.1, 1.0),
+            "proxprop": OptimizerSpec("proxprop", 1e-5, 1.0),
         },
     ),
     "mlp": Experiment(
@@ -233,7 +249,7 @@ def run_matfact(specs: list[OptimizerSpec], steps: int, seed: int, progress: boo
     runs = []
     for spec in specs:
         opt = spec.build()
-        step = make_step(loss, opt, uses_features=spec.name == "lnb")
+        step = make_step(loss, opt, uses_features=spec.uses_features)
         params, state = params0, opt.init(params0)
         start = time.perf_counter()
         compiled = step.lower(params, state, (X, Y)).compile()

@@ -27,9 +27,16 @@ from .data import Dataset
 #: Optimizers ``lnb reproduce --optimizers`` accepts, with what their learning rate means.
 OPTIMIZERS = {
     "lnb": "lnb_fast.lnb (Algorithm 2); learning rate = ε, the squared function-space step",
+    "foof": "lnb_fast.foof (Benzing 2022); learning rate of the step −lr·(A + λ)⁻¹g",
+    "locoprop-s": "lnb_fast.locoprop_s (Amid et al. 2022); learning rate = η of the local targets",
+    "locoprop-m": "lnb_fast.locoprop_m (matched losses); learning rate = η of the local targets",
+    "proxprop": "lnb_fast.proxprop (Frerix et al. 2018); learning rate = τ, the proximal step",
     "adam": "optax.adam (β = 0.9, 0.999)",
     "sgd": "optax.sgd (plain gradient descent)",
 }
+
+#: The optimizers that need every neuron's input features (lnb_fast.value_and_grad).
+FEATURE_OPTIMIZERS = ("lnb", "foof", "locoprop-s", "locoprop-m", "proxprop")
 
 
 @dataclass(frozen=True)
@@ -42,6 +49,11 @@ class OptimizerSpec:
     learning_rate: float
     decay: float = 1.0
     options: dict = field(default_factory=dict)
+
+    @property
+    def uses_features(self) -> bool:
+        """Whether the optimizer's update needs the neurons' input features."""
+        return self.name in FEATURE_OPTIMIZERS
 
     def label(self) -> str:
         lr = f"{self.learning_rate:g}" + (f"·{self.decay:g}^epoch" if self.decay != 1.0 else "")
@@ -68,6 +80,14 @@ class OptimizerSpec:
             lr = optax.exponential_decay(self.learning_rate, steps_per_epoch, self.decay)
         if self.name == "lnb":
             return lnb_fast.lnb(learning_rate=lr, **self.options)
+        if self.name == "foof":
+            return lnb_fast.foof(lr, **self.options)
+        if self.name == "locoprop-s":
+            return lnb_fast.locoprop_s(lr, **self.options)
+        if self.name == "locoprop-m":
+            return lnb_fast.locoprop_m(lr, **self.options)
+        if self.name == "proxprop":
+            return lnb_fast.proxprop(lr, **self.options)
         if self.name == "adam":
             return optax.adam(lr, **self.options)
         return optax.sgd(lr, **self.options)
@@ -157,7 +177,7 @@ def train(
     state = opt.init(params)
     from .models import loss_fn
 
-    step = make_step(loss_fn(model), opt, uses_features=spec.name == "lnb")
+    step = make_step(loss_fn(model), opt, uses_features=spec.uses_features)
     evaluate_fn = make_eval(model, data.n_classes)
 
     x0, y0 = jnp.asarray(data.x_train[:batch_size]), jnp.asarray(data.y_train[:batch_size])
