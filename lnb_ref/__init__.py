@@ -19,6 +19,13 @@ Map of the package, in the paper's order:
 """
 
 from .baselines import Adam, GradientDescent
+from .boosting import (
+    BoostedBackprop,
+    BoostedNetwork,
+    BoostingInfo,
+    LinearLeastSquares,
+    RandomFeatureLeastSquares,
+)
 from .errors import LNBError, NeuronShapeError, NonFiniteError, NotPositiveDefiniteError
 from .lnb import ExactLNB, OnlineLNB, StepInfo, boosting_update
 from .metric import (
@@ -45,6 +52,11 @@ from .solvers import (
 from .whiten import covariance_sqrt, metric_factor, whiten, whitened_features
 
 __all__ = [
+    "BoostedBackprop",
+    "BoostedNetwork",
+    "BoostingInfo",
+    "LinearLeastSquares",
+    "RandomFeatureLeastSquares",
     "CNN",
     "MLP",
     "Adam",
