@@ -9,17 +9,14 @@ so that ``α² θ̂ᵀ(M + δI)θ̂ = ε`` with ``α = √(ε/z)``. With ``J_s =
 Jacobian of the network output for sample ``s`` over *all* parameters, and the loss a mean
 ``ℓ = (1/n) Σ_s l(ŷ_s, y_s)``:
 
-=================================  =============================================================
-``gauss_newton_metric``  (GN)      ``(1/n) Σ_s J_sᵀ J_s``: the change of the network output
-``ggn_metric``           (GGN)     ``(1/n) Σ_s J_sᵀ H_s J_s``, ``H_s = ∂²l/∂ŷ²``: ``2I`` for
-                                   the squared error, ``diag(p) − ppᵀ`` for softmax-CE
-``fisher_metric``                  ``(1/n) Σ_s E_{y∼p(·|x_s)} [∇_θ log p ∇_θ log pᵀ]`` (natural
-                                   gradient); equals the GGN for softmax-CE and for the
-                                   squared error read as ``y ∼ N(ŷ, ½I)``
-``empirical_fisher_metric``        ``(1/n) Σ_s ∇l_s ∇l_sᵀ`` at the observed labels
-``lnb_metric``                     ``blockdiag_i(M_i)``, ``M_i = J_iᵀJ_i/n_i`` of each neuron's
-                                   *own* output (Eq. 10–11): LNB ignores the layers downstream
-=================================  =============================================================
+* ``gauss_newton_metric`` (GN): ``(1/n) Σ_s J_sᵀ J_s``, the squared change of the network output;
+* ``ggn_metric`` (GGN): ``(1/n) Σ_s J_sᵀ H_s J_s`` with ``H_s = ∂²l/∂ŷ²`` (:func:`loss_hessians`):
+  ``2I`` for the squared error, ``diag(p) − ppᵀ`` for softmax cross-entropy;
+* ``fisher_metric`` (natural gradient): ``(1/n) Σ_s E_{y∼p(·|x_s)}[∇_θ log p ∇_θ log pᵀ]``,
+  equal to the GGN for softmax-CE and for the squared error read as ``y ∼ N(ŷ, ½I)``;
+* ``empirical_fisher_metric``: ``(1/n) Σ_s ∇l_s ∇l_sᵀ`` at the observed labels;
+* ``lnb_metric``: ``blockdiag_i(M_i)``, ``M_i = J_iᵀJ_i/n_i`` of each neuron's *own* output
+  (Eq. 10–11): LNB ignores the layers downstream and the cross-layer blocks.
 
 Parameters are flattened in the order of ``net.neurons``, each ``θ_i.ravel()`` (rows of
 ``(K, D)``, bias last): the order of :func:`flatten`. The output Jacobian is built by reverse
@@ -37,7 +34,7 @@ from collections.abc import Sequence
 import numpy as np
 import scipy.linalg
 
-from .errors import check_finite
+from .errors import NotPositiveDefiniteError, check_finite
 from .lnb import StepInfo
 from .metric import metric_from_forward
 from .network import Network, get_activation
@@ -243,7 +240,14 @@ class SecondOrder:
         g = flatten(tape.grads)
         check_finite(self.net.output_neuron.name, "gradient", g)
         A = metric_matrix(self.metric, self.net, params, X, Y) + self.damping * np.eye(g.size)
-        factor = cholesky_or_raise(f"{self.metric} metric of {type(self.net).__name__}", A)
+        try:
+            factor = cholesky_or_raise(self.metric, A)
+        except NotPositiveDefiniteError:
+            raise NotPositiveDefiniteError(
+                f"SecondOrder(metric={self.metric!r}, damping={self.damping}): M + damping·I is "
+                f"(numerically) singular; GN, GGN and the Fisher are rank-deficient for most "
+                f"networks, use damping > 0"
+            ) from None
         return scipy.linalg.cho_solve(factor, g), g
 
     def step_batch(self, params, X: np.ndarray, Y: np.ndarray, state: dict):

@@ -169,7 +169,7 @@ def test_errors():
     with pytest.raises(ValueError, match="damping"):
         SecondOrder(net, 0.1, damping=-1.0)
     opt = SecondOrder(net, 0.1, metric="ggn")  # singular: softmax's null vector, no damping
-    with pytest.raises(NotPositiveDefiniteError):
+    with pytest.raises(NotPositiveDefiniteError, match="metric='ggn'.*damping > 0"):
         opt.step_batch(params, X, Y, opt.init(params))
     with pytest.raises(ValueError, match="expected"):
         unflatten(net, np.zeros(3))
