@@ -14,6 +14,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from conftest import RTOL, correlated_features, rel_err
+from hypothesis import given
+from hypothesis import strategies as st
 
 from lnb_ref import (
     CNN,
@@ -186,3 +188,48 @@ def test_errors():
         RandomFeatureLeastSquares(n_features=0)
     with pytest.raises(ValueError, match="fit"):
         LinearLeastSquares()(np.zeros((2, 3)))
+
+
+@given(
+    sizes=st.lists(st.integers(1, 5), min_size=2, max_size=4),
+    activation=st.sampled_from(["tanh", "relu", "sigmoid", "identity"]),
+    bias=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_linear_boosting_is_algorithm_1_property(sizes, activation, bias, seed):
+    """Random widths, activations and data: one linear boosting step is ExactLNB's step. A small
+    ridge keeps M positive definite for every draw (dead relu units, rank-deficient hidden
+    features); both sides use the same γ, so the comparison stays a rounding one (RTOL)."""
+    rng = np.random.default_rng(seed)
+    n, k = 30, 3
+    X = correlated_features(rng, n, sizes[0])
+    Y = rng.integers(0, k, size=n)
+    net = MLP([*sizes, k], activation=activation, bias=bias)
+    params = net.init(rng)
+    boost = BoostedBackprop(net, 0.05, LinearLeastSquares(bias=bias, ridge=1e-3))
+    exact = ExactLNB(net.neurons, 0.05, ridge=1e-3)
+    pb, _, ib = boost.step_batch(params, X, Y, boost.init(params))
+    _, grads, feats = net.loss_grads_features(params, X, Y)
+    pe, _, ie = exact.step(params, grads, feats, exact.init(params))
+    assert ib.raw_z == pytest.approx(ie.raw_z, rel=RTOL)
+    for a, b in zip(pb, pe, strict=True):
+        assert rel_err(a, b) < RTOL
+
+
+def test_weight_decay_shrinks_the_ensemble_and_minibatches_work():
+    """Eq. 4's decay multiplies θ and every earlier coefficient by 1 − √ε·ρ; the new learner
+    enters with −√(ε/z). Steps on different minibatches each add one learner per layer."""
+    X, Y = problem("softmax_cross_entropy", seed=10, n=60)
+    net = MLP([4, 5, 3], bias=True)
+    params = net.init(np.random.default_rng(5))
+    eps, rho = 0.04, 2.0
+    boost = BoostedBackprop(net, eps, RandomFeatureLeastSquares(8, seed=4), weight_decay=rho)
+    state = boost.init(params)
+    p1, state, info1 = boost.step_batch(params, X[:30], Y[:30], state)
+    p2, state, info2 = boost.step_batch(p1, X[30:], Y[30:], state)
+    decay = 1 - np.sqrt(eps) * rho
+    for i, ens in enumerate(state["ensembles"]):
+        assert len(ens) == 2
+        assert ens[0][0] == pytest.approx(-np.sqrt(eps / info1.z) * decay, rel=1e-14)
+        assert ens[1][0] == pytest.approx(-np.sqrt(eps / info2.z), rel=1e-14)
+        assert rel_err(p2[i], decay**2 * params[i]) < 1e-14
