@@ -15,11 +15,30 @@ Map of the package, in the paper's order:
 ``baselines``          gradient descent and Adam in NumPy
 ``network``            an MLP and a small CNN with hand-written backprop (Eq. 6)
 ``matfact``            the matrix-factorization problem of §5.1
+``boosting``           boosted backprop (§2.4) with linear and nonlinear weak learners
+``gauss_newton``       GN, GGN, Fisher and LNB as explicit metrics on tiny networks (§4.2)
 =====================  =============================================================
 """
 
 from .baselines import Adam, GradientDescent
+from .boosting import (
+    BoostedBackprop,
+    BoostedNetwork,
+    BoostingInfo,
+    LinearLeastSquares,
+    RandomFeatureLeastSquares,
+)
 from .errors import LNBError, NeuronShapeError, NonFiniteError, NotPositiveDefiniteError
+from .gauss_newton import (
+    SecondOrder,
+    empirical_fisher_metric,
+    fisher_metric,
+    gauss_newton_metric,
+    ggn_metric,
+    lnb_metric,
+    loss_hessians,
+    network_jacobian,
+)
 from .lnb import ExactLNB, OnlineLNB, StepInfo, boosting_update
 from .metric import (
     dense_bias_metric,
@@ -48,6 +67,9 @@ __all__ = [
     "CNN",
     "MLP",
     "Adam",
+    "BoostedBackprop",
+    "BoostedNetwork",
+    "BoostingInfo",
     "Conv2d",
     "Dense",
     "DiagonalPreconditioner",
@@ -56,24 +78,34 @@ __all__ = [
     "GradientDescent",
     "IncompleteCholeskyPreconditioner",
     "LNBError",
+    "LinearLeastSquares",
     "LinearNeuron",
     "NeuronShapeError",
     "NonFiniteError",
     "NotPositiveDefiniteError",
     "OnlineLNB",
+    "RandomFeatureLeastSquares",
     "Scale",
+    "SecondOrder",
     "StepInfo",
     "boosting_update",
     "constant",
     "covariance_sqrt",
     "dense_bias_metric",
+    "empirical_fisher_metric",
     "expand_row_metric",
     "exponential_decay",
     "feature_moments",
+    "fisher_metric",
+    "gauss_newton_metric",
+    "ggn_metric",
     "jacobian",
+    "lnb_metric",
+    "loss_hessians",
     "metric_factor",
     "metric_from_forward",
     "metric_matvec",
+    "network_jacobian",
     "paper_preconditioner",
     "pcg",
     "row_metric",
