@@ -21,6 +21,10 @@ def namespace(*arrays: Array) -> Any:
         if a is None:
             continue
         get = getattr(a, "__array_namespace__", None)
+        if get is None and type(a).__module__.startswith("cupy"):  # CuPy < 13: its own module
+            import cupy
+
+            get = lambda: cupy  # noqa: E731
         if get is None:
             raise TypeError(
                 f"lnb_fast.xp works on array-API arrays (NumPy >= 2, CuPy >= 13); got "
