@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from numbers import Integral
 
 from . import _compat
 from ._compat import Array
@@ -33,17 +34,17 @@ from ._compat import Array
 
 def _pair(name: str, what: str, v, minimum: int) -> tuple[int, int]:
     """``v`` or ``(v, v)`` as a pair of ints ``≥ minimum``; ValueError naming the argument."""
-    pair = (v, v) if isinstance(v, int) else tuple(v)
-    if len(pair) != 2 or any(not isinstance(p, int) or p < minimum for p in pair):
+    pair = (v, v) if isinstance(v, Integral) else tuple(v)
+    if len(pair) != 2 or any(not isinstance(p, Integral) or p < minimum for p in pair):
         raise ValueError(
             f"neuron {name!r}: {what} must be an int >= {minimum} or a pair of them, got {v!r}"
         )
-    return pair  # type: ignore[return-value]
+    return int(pair[0]), int(pair[1])
 
 
 def _positive(name: str, **values: int) -> None:
     for what, v in values.items():
-        if not isinstance(v, int) or v < 1:
+        if not isinstance(v, Integral) or isinstance(v, bool) or v < 1:
             raise ValueError(f"neuron {name!r}: {what} must be a positive int, got {v!r}")
 
 
