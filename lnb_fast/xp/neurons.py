@@ -48,6 +48,12 @@ def _positive(name: str, **values: int) -> None:
             raise ValueError(f"neuron {name!r}: {what} must be a positive int, got {v!r}")
 
 
+def _as_ints(neuron, *fields: str) -> None:
+    """Store integral sizes (NumPy ints included) as Python ints on the frozen dataclass."""
+    for f in fields:
+        object.__setattr__(neuron, f, int(getattr(neuron, f)))
+
+
 class Neuron:
     """Shared machinery of :class:`Dense` and :class:`Conv2d` (see the module docstring)."""
 
@@ -122,6 +128,7 @@ class Dense(Neuron):
 
     def __post_init__(self):
         _positive(self.name, d_in=self.d_in, d_out=self.d_out)
+        _as_ints(self, "d_in", "d_out")
 
     @property
     def theta_shape(self) -> tuple[int, int]:
@@ -167,6 +174,7 @@ class Conv2d(Neuron):
 
     def __post_init__(self):
         _positive(self.name, c_in=self.c_in, c_out=self.c_out, groups=self.groups)
+        _as_ints(self, "c_in", "c_out", "groups")
         _pair(self.name, "kernel_size", self.kernel_size, 1)
         _pair(self.name, "stride", self.stride, 1)
         _pair(self.name, "padding", self.padding, 0)
