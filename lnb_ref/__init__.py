@@ -15,6 +15,8 @@ Map of the package, in the paper's order:
 ``baselines``          gradient descent and Adam in NumPy
 ``network``            an MLP and a small CNN with hand-written backprop (Eq. 6)
 ``matfact``            the matrix-factorization problem of §5.1
+``locoprop``           LocoProp-S / LocoProp-M: local losses per layer (§4.1)
+``proxprop``           ProxProp: implicit (proximal) steps per layer (§4.1)
 =====================  =============================================================
 """
 
@@ -32,8 +34,10 @@ from .metric import (
     second_moment,
     step_norm,
 )
+from .locoprop import LocalStepInfo, LocoPropM, LocoPropS, locoprop_s_minimizer
 from .network import CNN, MLP
 from .neurons import Conv2d, Dense, Embedding, LinearNeuron, Scale
+from .proxprop import ProxProp
 from .schedules import constant, exponential_decay
 from .solvers import (
     DiagonalPreconditioner,
@@ -57,10 +61,14 @@ __all__ = [
     "IncompleteCholeskyPreconditioner",
     "LNBError",
     "LinearNeuron",
+    "LocalStepInfo",
+    "LocoPropM",
+    "LocoPropS",
     "NeuronShapeError",
     "NonFiniteError",
     "NotPositiveDefiniteError",
     "OnlineLNB",
+    "ProxProp",
     "Scale",
     "StepInfo",
     "boosting_update",
@@ -71,6 +79,7 @@ __all__ = [
     "exponential_decay",
     "feature_moments",
     "jacobian",
+    "locoprop_s_minimizer",
     "metric_factor",
     "metric_from_forward",
     "metric_matvec",
