@@ -181,10 +181,11 @@ def _rule(w: Walk, eqn, ins: list, readers: Counter, path: tuple) -> list:
     if not params:
         # The transfer φ (LocoProp-M): an elementwise tanh / logistic / relu that is the only
         # reader of the neuron's output (after its bias, if any).
-        if len(ins) >= 1 and isinstance(ins[0], (NeuronOut, Biased)) and readers[eqn.invars[0]] == 1:
+        first = ins[0] if ins else None
+        if isinstance(first, (NeuronOut, Biased)) and readers[eqn.invars[0]] == 1:
             transfer = _transfer(eqn)
             if transfer is not None:
-                w.neurons[ins[0].nid].transfer = transfer
+                w.neurons[first.nid].transfer = transfer
         outs = [d for d in ins if isinstance(d, NeuronOut)]
         if (
             name in OUT_CHAIN_OPS

@@ -23,6 +23,7 @@ Map of the package, in the paper's order:
 from .baselines import Adam, GradientDescent
 from .errors import LNBError, NeuronShapeError, NonFiniteError, NotPositiveDefiniteError
 from .lnb import ExactLNB, OnlineLNB, StepInfo, boosting_update
+from .locoprop import LocalStepInfo, LocoPropM, LocoPropS, locoprop_s_minimizer
 from .metric import (
     dense_bias_metric,
     expand_row_metric,
@@ -34,7 +35,6 @@ from .metric import (
     second_moment,
     step_norm,
 )
-from .locoprop import LocalStepInfo, LocoPropM, LocoPropS, locoprop_s_minimizer
 from .network import CNN, MLP
 from .neurons import Conv2d, Dense, Embedding, LinearNeuron, Scale
 from .proxprop import ProxProp
