@@ -224,7 +224,7 @@ def test_locoprop_m_uses_the_transfer():
     assert rel_err(out["locoprop_m"][2]["w"], out["locoprop_s"][2]["w"]) < RTOL
 
 
-# --- arguments and errors --------------------------------------------------------------------------
+# --- arguments and errors -------------------------------------------------------------------------
 def test_errors_name_what_is_missing():
     net, loss, X, Y = mlp_problem()
     params = ref_to_jax(net, net.init(np.random.default_rng(0)))
