@@ -58,7 +58,10 @@ def proxprop(
         updates, state = opt.update(grads, state, params, features=features)
 
     Args:
-        tau: τ > 0, the proximal step size (a number or an optax schedule ``count ↦ τ``).
+        tau: τ > 0, the proximal step size (a number or an optax schedule ``count ↦ τ``). The
+            step grows with τ but saturates at ``−M⁻¹g/n_i`` (LNB's direction over the batch
+            size, since ``g`` is the gradient of the mean loss): on the digits MLP (batches of
+            64) τ = 1 … 100 all trained alike, and more slowly than LocoProp or LNB.
         cg_iterations: CG iterations from 0 per neuron and step.
         nonfinite: ``"raise"`` (:class:`~lnb_fast.errors.NonFiniteError` naming the parameter)
             or ``"skip"`` (zero updates, ``skipped`` incremented).
