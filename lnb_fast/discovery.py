@@ -181,11 +181,11 @@ def _rule(w: Walk, eqn, ins: list, readers: Counter, path: tuple) -> list:
     if not params:
         # The transfer φ (LocoProp-M): an elementwise tanh / logistic / relu that is the only
         # reader of the neuron's output (after its bias, if any).
-        first = ins[0] if ins else None
-        if isinstance(first, (NeuronOut, Biased)) and readers[eqn.invars[0]] == 1:
-            transfer = _transfer(eqn)
+        found = [i for i, d in enumerate(ins) if isinstance(d, (NeuronOut, Biased))]
+        if len(found) == 1 and readers[eqn.invars[found[0]]] == 1:
+            transfer = _transfer(eqn, found[0])
             if transfer is not None:
-                w.neurons[first.nid].transfer = transfer
+                w.neurons[ins[found[0]].nid].transfer = transfer
         outs = [d for d in ins if isinstance(d, NeuronOut)]
         if (
             name in OUT_CHAIN_OPS
@@ -292,19 +292,20 @@ def _extend_scale(w: Walk, eqn, ins, out: NeuronOut, readers: Counter, path: tup
     return NeuronOut(out.nid)
 
 
-def _transfer(eqn) -> str | None:
-    """The name of the elementwise transfer ``eqn`` applies to its first operand, or None:
-    ``tanh``, ``logistic`` (``"sigmoid"``), ``max(·, 0)`` (``"relu"``), also when wrapped in a
-    call of one equation (``jax.nn.relu`` is a ``custom_jvp_call`` around ``jit(max(x, 0.0))``)."""
+def _transfer(eqn, position: int = 0) -> str | None:
+    """The name of the elementwise transfer ``eqn`` applies to its operand ``position``, or
+    None: ``tanh``, ``logistic`` (``"sigmoid"``), ``max(·, 0)`` either way round (``"relu"``),
+    also when wrapped in a call of one equation (``jax.nn.relu`` is a ``custom_jvp_call`` around
+    ``jit(max(x, 0.0))``)."""
     name = eqn.primitive.name
     if name in ("tanh", "logistic") and len(eqn.invars) == 1:
         return "tanh" if name == "tanh" else "sigmoid"
     if name == "max" and len(eqn.invars) == 2:
-        other = eqn.invars[1]
+        other = eqn.invars[1 - position]
         if isinstance(other, Literal) and np.all(np.asarray(other.val) == 0):
             return "relu"
         return None
-    if name in INLINE_CALLS or name in CUSTOM_CALLS:
+    if position == 0 and (name in INLINE_CALLS or name in CUSTOM_CALLS):
         inner, _ = sub_jaxpr(eqn)
         if (
             inner is not None

@@ -66,8 +66,8 @@ def test_transfer_variants():
         h = jnp.tanh(h @ p["w2"])
         y = h @ p["w3"]
         h = jnp.tanh(y) + y  # the output is read twice: no transfer
-        h = jax.nn.gelu(h @ p["w4"])  # not one of ours
-        return jnp.sum(jax.nn.relu(h @ p["w5"]))
+        h = jnp.maximum(0.0, jax.nn.gelu(h @ p["w4"]))  # gelu is not one of ours
+        return jnp.sum(jnp.maximum(0.0, h @ p["w5"]))  # max(0, ·): relu too
 
     assert transfers(loss, w, jnp.ones((4, 3))) == [
         "sigmoid",
