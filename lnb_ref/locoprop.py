@@ -320,7 +320,8 @@ class LocoPropS(_LocoProp):
     Args:
         neurons: the network's linear neurons, in the order of ``params``.
         learning_rate: η, the step on the outputs that defines the local targets
-            ``t = z_k − η n_i λ_i`` (a number or a schedule ``t ↦ η_t``).
+            ``t = z_k − η n_i λ_i`` (a number or a schedule ``t ↦ η_t``). Large next to SGD's
+            rates (the converged step is ``−η(M + κI)⁻¹g``): see :func:`lnb_fast.locoprop_s`.
         proximity: κ ≥ 0, the weight of ``½‖θ − θ_k‖²`` (LocoProp's ``1/η_W``), on all entries.
         inner_steps: J ≥ 1, the gradient steps on the local loss.
         inner_learning_rate: ρ, ``"auto"`` (``1/(B + κ)``, module docstring) or a number.
