@@ -16,8 +16,10 @@ from .capture import Features, ValueAndGrad, value_and_grad
 from .describe import describe, format_table
 from .discovery import NeuronTable
 from .errors import DiscoveryError, LNBError, NonFiniteError, StructureError
+from .locoprop import LocalState, locoprop_m, locoprop_s
 from .neuron import Neuron
 from .pcg import PCGResult, pcg
+from .proxprop import proxprop
 from .tagging import tag_neuron
 from .transform import LNBState, lnb
 
@@ -26,6 +28,7 @@ __all__ = [
     "Features",
     "LNBError",
     "LNBState",
+    "LocalState",
     "Neuron",
     "NeuronTable",
     "NonFiniteError",
@@ -35,7 +38,10 @@ __all__ = [
     "describe",
     "format_table",
     "lnb",
+    "locoprop_m",
+    "locoprop_s",
     "pcg",
+    "proxprop",
     "tag_neuron",
     "value_and_grad",
 ]

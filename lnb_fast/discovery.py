@@ -99,6 +99,14 @@ class Data:
 CONST = Data(batch=False)
 
 
+@dataclass(frozen=True)
+class Biased(Data):
+    """The output of neuron ``nid`` with its bias added: data, remembered only so that the
+    activation consuming it can be recorded as the neuron's transfer (:func:`_transfer`)."""
+
+    nid: int = -1
+
+
 @dataclass
 class Use:
     """One use of a parameter leaf: its role and the neuron (or the reason it has none)."""
@@ -171,6 +179,13 @@ def _rule(w: Walk, eqn, ins: list, readers: Counter, path: tuple) -> list:
 
     # Follow a neuron's output towards a possible bias.
     if not params:
+        # The transfer φ (LocoProp-M): an elementwise tanh / logistic / relu that is the only
+        # reader of the neuron's output (after its bias, if any).
+        found = [i for i, d in enumerate(ins) if isinstance(d, (NeuronOut, Biased))]
+        if len(found) == 1 and readers[eqn.invars[found[0]]] == 1:
+            transfer = _transfer(eqn, found[0])
+            if transfer is not None:
+                w.neurons[ins[found[0]].nid].transfer = transfer
         outs = [d for d in ins if isinstance(d, NeuronOut)]
         if (
             name in OUT_CHAIN_OPS
@@ -234,7 +249,7 @@ def _rule(w: Walk, eqn, ins: list, readers: Counter, path: tuple) -> list:
                 neuron.bias_shape = tuple(w_shape(w, ref.leaf))
                 neuron.b_chain, neuron.out_chain = ref.chain, other.chain
                 w.use(ref.leaf, Use("bias", other.nid))
-                return [Data(True)]
+                return [Biased(nid=other.nid)]
         if name == "add" and _is_data(other):
             w.use(ref.leaf, Use("additive", reason="added to the activations (identity metric)"))
             return [Data(True)]
@@ -275,6 +290,32 @@ def _extend_scale(w: Walk, eqn, ins, out: NeuronOut, readers: Counter, path: tup
     neuron.n_samples = int(np.prod(eqn.outvars[0].aval.shape)) // max(size, 1)
     w.sites.setdefault((path[:-1], factor), []).append((out.nid, len(neuron.extra)))
     return NeuronOut(out.nid)
+
+
+def _transfer(eqn, position: int = 0) -> str | None:
+    """The name of the elementwise transfer ``eqn`` applies to its operand ``position``, or
+    None: ``tanh``, ``logistic`` (``"sigmoid"``), ``max(·, 0)`` either way round (``"relu"``),
+    also when wrapped in a call of one equation (``jax.nn.relu`` is a ``custom_jvp_call`` around
+    ``jit(max(x, 0.0))``)."""
+    name = eqn.primitive.name
+    if name in ("tanh", "logistic") and len(eqn.invars) == 1:
+        return "tanh" if name == "tanh" else "sigmoid"
+    if name == "max" and len(eqn.invars) == 2:
+        other = eqn.invars[1 - position]
+        if isinstance(other, Literal) and np.all(np.asarray(other.val) == 0):
+            return "relu"
+        return None
+    if position == 0 and (name in INLINE_CALLS or name in CUSTOM_CALLS):
+        inner, _ = sub_jaxpr(eqn)
+        if (
+            inner is not None
+            and len(inner.eqns) == 1
+            and len(inner.invars) == 1
+            and inner.eqns[0].invars[:1] == [inner.invars[0]]
+            and list(inner.outvars) == list(inner.eqns[0].outvars)
+        ):
+            return _transfer(inner.eqns[0])
+    return None
 
 
 def w_shape(w: Walk, leaf: int) -> tuple[int, ...]:
@@ -435,6 +476,7 @@ def resolve(w: Walk, treedef) -> NeuronTable:
                 roles[neuron.bias] = "unclassified"
                 neuron.bias = neuron.bias_path = neuron.bias_shape = None
                 neuron.b_chain, neuron.out_chain = (), ()
+                neuron.transfer = "identity"  # φ acted on the output *with* the bias
         renumber[nid] = len(neurons)
         neurons.append(neuron)
     for site, slots in w.sites.items():

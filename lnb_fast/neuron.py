@@ -78,6 +78,9 @@ class Neuron:
             computes ``(x − m) · (rsqrt(v) · scale)``), the operand position and shape of each
             further factor; ``X`` is then the tuple of all factors and ``f = (X₀ ⊙ s) ⊙ X₁ ...``.
         free_axes: for a dense neuron, the axes of ``X`` that index samples (its design rows).
+        transfer: the elementwise activation φ applied right after the neuron (and its bias):
+            ``"tanh"``, ``"sigmoid"``, ``"relu"`` when that is the output's only consumer, else
+            ``"identity"``. Only LocoProp-M (:mod:`lnb_fast.locoprop`) reads it.
     """
 
     kind: str
@@ -97,6 +100,7 @@ class Neuron:
     extra: tuple[tuple[int, tuple[int, ...]], ...] = ()
     free_axes: tuple[int, ...] | None = None
     _rows: RowMap | None = field(default=None, repr=False)
+    transfer: str = "identity"
 
     # --- the map ---------------------------------------------------------------------------------
     def apply(self, X, w, b=None):

@@ -17,6 +17,8 @@ Map of the package, in the paper's order:
 ``matfact``            the matrix-factorization problem of §5.1
 ``boosting``           boosted backprop (§2.4) with linear and nonlinear weak learners
 ``gauss_newton``       GN, GGN, Fisher and LNB as explicit metrics on tiny networks (§4.2)
+``locoprop``           LocoProp-S / LocoProp-M: local losses per layer (§4.1)
+``proxprop``           ProxProp: implicit (proximal) steps per layer (§4.1)
 =====================  =============================================================
 """
 
@@ -40,6 +42,7 @@ from .gauss_newton import (
     network_jacobian,
 )
 from .lnb import ExactLNB, OnlineLNB, StepInfo, boosting_update
+from .locoprop import LocalStepInfo, LocoPropM, LocoPropS, locoprop_s_minimizer
 from .metric import (
     dense_bias_metric,
     expand_row_metric,
@@ -53,6 +56,7 @@ from .metric import (
 )
 from .network import CNN, MLP
 from .neurons import Conv2d, Dense, Embedding, LinearNeuron, Scale
+from .proxprop import ProxProp
 from .schedules import constant, exponential_decay
 from .solvers import (
     DiagonalPreconditioner,
@@ -80,11 +84,15 @@ __all__ = [
     "LNBError",
     "LinearLeastSquares",
     "LinearNeuron",
+    "LocalStepInfo",
+    "LocoPropM",
+    "LocoPropS",
     "NeuronShapeError",
     "NonFiniteError",
     "NotPositiveDefiniteError",
     "OnlineLNB",
     "RandomFeatureLeastSquares",
+    "ProxProp",
     "Scale",
     "SecondOrder",
     "StepInfo",
@@ -102,6 +110,7 @@ __all__ = [
     "jacobian",
     "lnb_metric",
     "loss_hessians",
+    "locoprop_s_minimizer",
     "metric_factor",
     "metric_from_forward",
     "metric_matvec",
