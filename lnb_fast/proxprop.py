@@ -2,16 +2,17 @@
 
 Per neuron ``i`` found by :func:`lnb_fast.value_and_grad` (design Φ with ``n_i`` rows, gradient
 ``g = Φᵀλ_i`` of the mean loss, metric ``M = ΦᵀΦ/n_i`` of Eq. 11), the proximal (implicit,
-backward-Euler) step of size τ on the local energy ``E(θ) = ½‖Φθ − (z_k − λ_i)‖²`` (a sum over
-the rows, so ``∇E(θ_k) = g`` and ``∇²E = n_i M``)::
+backward-Euler) step of size τ on the local energy ``E(θ) = ½ mean‖Φθ − (z_k − n_iλ_i)‖²`` (a
+mean over the rows, so ``∇E(θ_k) = g`` and ``∇²E = M``)::
 
-    θ⁺ = argmin E(θ) + ‖θ − θ_k‖²/(2τ)   ⇔   Δ = −τ (I + n_i τ M)⁻¹ g = −(1/n_i)(M + I/(n_iτ))⁻¹ g
+    θ⁺ = argmin E(θ) + ‖θ − θ_k‖²/(2τ)   ⇔   Δ = −τ (I + τ M)⁻¹ g = −(M + I/τ)⁻¹ g
 
-solved by ``cg_iterations`` steps of CG from 0 on ``(I + n_iτM)Δ = −τg``, matrix-free
-(``Neuron.metric_matvec``, :func:`lnb_fast.pcg`). It is LNB's direction with a ridge
-``1/(n_iτ)`` on every entry (bias included), scaled by ``1/n_i`` (paper §4.1); ``τ → 0`` gives the
-gradient step ``−τg``. Every CG iterate from 0 is a descent direction (``−gᵀΔ = Δᵀ(I + n_iτM)Δ/τ
-> 0``, see :mod:`lnb_ref.proxprop`, the NumPy oracle this matches).
+solved by ``cg_iterations`` steps of CG from 0 on ``(I + τM)Δ = −τg``, matrix-free
+(``Neuron.metric_matvec``, :func:`lnb_fast.pcg`). It is LNB's direction with a ridge ``1/τ`` on
+every entry (bias included) (paper §4.1): ``τ → 0`` gives the gradient step ``−τg``, ``τ → ∞``
+LNB's θ̂. Every CG iterate from 0 is a descent direction (``−gᵀΔ = Δᵀ(I + τM)Δ/τ > 0``). Why
+the mean and not Frerix et al.'s sum over the batch: see :mod:`lnb_ref.proxprop`, the NumPy
+oracle this matches.
 
 Parameters that belong to no neuron (identity metric) take the gradient step ``−τ g``.
 
@@ -32,12 +33,11 @@ from .pcg import pcg
 
 
 def proximal_step(neuron: Neuron, X, grad: tuple, tau, cg_iterations: int) -> tuple:
-    """``Δ ≈ −τ (I + n_iτM)⁻¹ g`` by ``cg_iterations`` CG steps from 0 (module docstring)."""
-    n = neuron.n_samples
+    """``Δ ≈ −τ (I + τM)⁻¹ g`` by ``cg_iterations`` CG steps from 0 (module docstring)."""
 
     def matvec(v):
         Mv = neuron.metric_matvec(X, v, 0.0)
-        return tuple(u + n * tau * m for u, m in zip(v, Mv, strict=True))
+        return tuple(u + tau * m for u, m in zip(v, Mv, strict=True))
 
     return pcg(matvec, tuple(-tau * g for g in grad), cg_iterations).x
 
@@ -48,7 +48,7 @@ def proxprop(
     cg_iterations: int = 3,
     nonfinite: str = "raise",
 ) -> optax.GradientTransformationExtraArgs:
-    """ProxProp: ``θ ← θ_k − τ (I + n_iτM)⁻¹ g`` per neuron, by CG (module docstring).
+    """ProxProp: ``θ ← θ_k − τ (I + τM)⁻¹ g`` per neuron, by CG (module docstring).
 
     Use like :func:`lnb_fast.lnb` (the parameters are required, for the error messages' sake
     and to share the checks; the step itself reads only ``g`` and the features)::
@@ -58,10 +58,8 @@ def proxprop(
         updates, state = opt.update(grads, state, params, features=features)
 
     Args:
-        tau: τ > 0, the proximal step size (a number or an optax schedule ``count ↦ τ``). The
-            step grows with τ but saturates at ``−M⁻¹g/n_i`` (LNB's direction over the batch
-            size, since ``g`` is the gradient of the mean loss): on the digits MLP (batches of
-            64) τ = 1 … 100 all trained alike, and more slowly than LocoProp or LNB.
+        tau: τ > 0, the proximal step size (a number or an optax schedule ``count ↦ τ``): a
+            gradient step of size τ for small τ, LNB's θ̂ (unnormalised) for large τ.
         cg_iterations: CG iterations from 0 per neuron and step.
         nonfinite: ``"raise"`` (:class:`~lnb_fast.errors.NonFiniteError` naming the parameter)
             or ``"skip"`` (zero updates, ``skipped`` incremented).

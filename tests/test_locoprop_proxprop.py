@@ -283,16 +283,15 @@ def test_proxprop_is_a_descent_direction(kind, bias):
 
 @pytest.mark.parametrize("kind,bias", NEURONS)
 def test_proxprop_tends_to_the_gradient_step(kind, bias):
-    """``‖Δ/τ + g‖ ≤ s/(1+s)·‖g‖``, ``s = n_i τ λ_max(M)``: ``Δ/τ + g = [I − (I + n_iτM)⁻¹] g``,
+    """``‖Δ/τ + g‖ ≤ s/(1+s)·‖g‖``, ``s = τ λ_max(M)``: ``Δ/τ + g = [I − (I + τM)⁻¹] g``,
     whose eigenvalues are ``t/(1+t) ≤ s/(1+s)``. The bound → 0 with τ; it is checked with a
     relative rounding allowance of RTOL."""
     neuron, X, _, g = make(kind, bias, seed=10)
-    n = neuron.n_samples(X)
     lam_max = np.linalg.eigvalsh(metric_from_forward(neuron, X))[-1]
     errors = []
     for tau in (1e-1, 1e-3, 1e-5, 1e-7):
         delta = proximal_step(neuron, X, g, tau)[0]
-        s = n * tau * lam_max
+        s = tau * lam_max
         err = np.linalg.norm(delta / tau + g)
         assert err <= (s / (1 + s) + RTOL) * np.linalg.norm(g)
         errors.append(err)
@@ -301,25 +300,48 @@ def test_proxprop_tends_to_the_gradient_step(kind, bias):
 
 @pytest.mark.parametrize("kind,bias", NEURONS)
 def test_proxprop_exact_step_is_the_implicit_step(kind, bias):
-    """``θ⁺ = θ_k − τ ∇E(θ⁺)`` with ``E(θ) = ½‖f(X; θ) − (z_k − λ)‖²`` (a sum over rows),
-    ``∇E(θ) = Φᵀ(f(X; θ) − z_k + λ)``, for a random error λ and ``g = Φᵀλ``."""
+    """``θ⁺ = θ_k − τ ∇E(θ⁺)`` with ``E(θ) = ½ mean‖f(X; θ) − (z_k − nλ)‖²`` (a mean over the
+    n rows), ``∇E(θ) = Φᵀ(f(X; θ) − z_k + nλ)/n``, for a random error λ and ``g = Φᵀλ``."""
     neuron, X, theta, _ = make(kind, bias, seed=11)
     z_k = neuron.forward(X, theta)
     lam = np.random.default_rng(3).normal(size=z_k.shape) / z_k.shape[0]
     g = neuron.vjp_theta(X, lam)
     for tau in (0.01, 1.0):
         plus = theta + proximal_step(neuron, X, g, tau)[0]
-        grad_E = neuron.vjp_theta(X, neuron.forward(X, plus) - (z_k - lam))
+        n = neuron.n_samples(X)
+        grad_E = neuron.vjp_theta(X, neuron.forward(X, plus) - (z_k - n * lam)) / n
         assert rel_err(plus, theta - tau * grad_E) < RTOL
         # and it minimises E + ‖θ − θ_k‖²/(2τ): the gradient of that objective vanishes
         assert np.linalg.norm(grad_E + (plus - theta) / tau) < RTOL * np.linalg.norm(g)
 
 
 @pytest.mark.parametrize("kind,bias", NEURONS)
+def test_proxprop_is_locoprop_s_and_tends_to_lnb(kind, bias):
+    """ProxProp(τ) is LocoProp-S's exact minimiser with η = 1, κ = 1/τ (LocoProp's Appendix C),
+    to rounding (1e-10: two Cholesky solves of the same SPD matrix); and as τ → ∞ it tends to
+    −θ̂ (Algorithm 1's direction): ``Δ + θ̂ = [M⁻¹ − (M + I/τ)⁻¹] g``, whose norm is at most
+    ``‖θ̂‖/(1 + τ λ_min(M))`` (eigenvalues ``1/(t(1 + τt))`` against ``1/t``)."""
+    neuron, X, _, g = make(kind, bias, seed=13)
+    for tau in (0.1, 10.0):
+        assert (
+            rel_err(
+                proximal_step(neuron, X, g, tau)[0],
+                locoprop_s_minimizer(neuron, X, g, 1.0, 1.0 / tau),
+            )
+            < RTOL
+        )
+    theta_hat = ExactLNB([neuron], 1.0).directions([g], [X])[0]
+    lam_min = np.linalg.eigvalsh(metric_from_forward(neuron, X))[0]
+    for tau in (1e2, 1e4, 1e6):
+        err = np.linalg.norm(proximal_step(neuron, X, g, tau)[0] + theta_hat)
+        assert err <= np.linalg.norm(theta_hat) / (1 + tau * lam_min) * (1 + 1e-6) + 1e-12
+
+
+@pytest.mark.parametrize("kind,bias", NEURONS)
 def test_proxprop_cg_with_all_iterations_is_exact(kind, bias):
-    """CG on the SPD ``I + n_iτM`` (P × P) is exact after P iterations in exact arithmetic. In
+    """CG on the SPD ``I + τM`` (P × P) is exact after P iterations in exact arithmetic. In
     float64 the loss of conjugacy is ~κ(A)·eps per step; with τ = 0.05 the condition number of
-    ``I + n_iτM`` here is below 1e3, so 1e-10 holds with margin."""
+    ``I + τM`` here is below 1e3, so 1e-10 holds with margin."""
     neuron, X, _, g = make(kind, bias, seed=12)
     tau = 0.05
     exact = proximal_step(neuron, X, g, tau)[0]

@@ -130,7 +130,7 @@ def test_neuron_matches_reference(problem):
     for ours, rho in ((m, "auto"), (m_fixed, 0.01)):
         m_ref = ref_locoprop.inner_iterates(ref, X, theta, g, eta, kappa, steps, rho, transfer)
         assert rel_err(to_ref(ours), m_ref[-1]) < RTOL
-    # ProxProp: `steps` CG iterations from 0 on (I + n τ M) Δ = −τ g.
+    # ProxProp: `steps` CG iterations from 0 on (I + τ M) Δ = −τ g.
     p_ref = ref_proxprop.proximal_step(ref, X, g, tau, "cg", steps)[-1]
     assert rel_err(to_ref(prox), p_ref) < RTOL
 
