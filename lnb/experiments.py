@@ -52,13 +52,18 @@ class Experiment:
 LNB_OPTIONS = {"ridge": 0.1, "b1": 0.0}
 
 
-#: The related methods (issue 6) on minibatches, at the middle of the learning-rate grids of
+#: The related methods keep training when a step is non-finite (``nonfinite="skip"``: a
+#: diverged run then keeps a non-finite loss and is reported as diverged, as LNB's and Adam's
+#: are, instead of stopping a learning-rate sweep with an error).
+SKIP = {"nonfinite": "skip"}
+
+#: The related methods (issue 6) on minibatches, at the best learning rates of the grids of
 #: ``benchmarks/convergence.py --related``; ``reproduce --lr NAME=VALUE`` overrides.
 RELATED_OPTIMIZERS = {
-    "foof": OptimizerSpec("foof", 0.03, 0.75),
-    "locoprop-s": OptimizerSpec("locoprop-s", 1.0, 0.75),
-    "locoprop-m": OptimizerSpec("locoprop-m", 1.0, 0.75),
-    "proxprop": OptimizerSpec("proxprop", 0.03, 0.75),
+    "foof": OptimizerSpec("foof", 0.03, 0.75, SKIP),
+    "locoprop-s": OptimizerSpec("locoprop-s", 10.0, 0.75, SKIP),
+    "locoprop-m": OptimizerSpec("locoprop-m", 10.0, 0.75, SKIP),
+    "proxprop": OptimizerSpec("proxprop", 10.0, 0.75, SKIP),
 }
 
 
@@ -86,10 +91,10 @@ EXPERIMENTS: dict[str, Experiment] = {
             "lnb": OptimizerSpec("lnb", 300.0, 0.95, {"b1": 0.0, "ridge": 0.0}),
             "adam": OptimizerSpec("adam", 1.0),
             "sgd": OptimizerSpec("sgd", 3e-3),
-            "foof": OptimizerSpec("foof", 0.1, 1.0),
-            "locoprop-s": OptimizerSpec("locoprop-s", 0.1, 1.0),
-            "locoprop-m": OptimizerSpec("locoprop-m", 0.1, 1.0),
-            "proxprop": OptimizerSpec("proxprop", 1e-5, 1.0),
+            "foof": OptimizerSpec("foof", 1e-3, 1.0, SKIP),
+            "locoprop-s": OptimizerSpec("locoprop-s", 1e-3, 1.0, SKIP),
+            "locoprop-m": OptimizerSpec("locoprop-m", 1e-3, 1.0, SKIP),
+            "proxprop": OptimizerSpec("proxprop", 1e-3, 1.0, SKIP),
         },
     ),
     "mlp": Experiment(
