@@ -16,13 +16,16 @@ from .capture import Features, ValueAndGrad, value_and_grad
 from .describe import describe, format_table
 from .discovery import NeuronTable
 from .errors import DiscoveryError, LNBError, NonFiniteError, StructureError
+from .foof import FOOFState, foof
 from .neuron import Neuron
 from .pcg import PCGResult, pcg
 from .tagging import tag_neuron
+from .strategy import STRATEGIES
 from .transform import LNBState, lnb
 
 __all__ = [
     "DiscoveryError",
+    "FOOFState",
     "Features",
     "LNBError",
     "LNBState",
@@ -30,9 +33,11 @@ __all__ = [
     "NeuronTable",
     "NonFiniteError",
     "PCGResult",
+    "STRATEGIES",
     "StructureError",
     "ValueAndGrad",
     "describe",
+    "foof",
     "format_table",
     "lnb",
     "pcg",
