@@ -19,8 +19,8 @@ from .errors import DiscoveryError, LNBError, NonFiniteError, StructureError
 from .foof import FOOFState, foof
 from .neuron import Neuron
 from .pcg import PCGResult, pcg
-from .tagging import tag_neuron
 from .strategy import STRATEGIES
+from .tagging import tag_neuron
 from .transform import LNBState, lnb
 
 __all__ = [

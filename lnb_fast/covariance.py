@@ -183,7 +183,9 @@ def _build_layout(neuron: Neuron) -> GramLayout | str:
     if groups * K * d != size:
         return "its weight chain is not a permutation of the rows"
     with jax.ensure_compile_time_eval():
-        probe = np.asarray(to_rows(jnp.arange(size, dtype=jnp.float32).reshape(neuron.weight_shape)))
+        probe = np.asarray(
+            to_rows(jnp.arange(size, dtype=jnp.float32).reshape(neuron.weight_shape))
+        )
     if not np.array_equal(np.sort(probe.ravel()), np.arange(size, dtype=np.float32)):
         return "its weight chain is not a permutation of the rows"
     transpose = jax.linear_transpose(to_rows, w_aval)
@@ -203,7 +205,13 @@ def _build_layout(neuron: Neuron) -> GramLayout | str:
         if not np.array_equal(np.sort(bias_index.ravel()), np.arange(rowmap.n_rows)):
             return "its bias rows do not line up with the weight rows"
     return GramLayout(
-        groups, K, d, design, to_rows, from_rows, bias_index,
+        groups,
+        K,
+        d,
+        design,
+        to_rows,
+        from_rows,
+        bias_index,
         tuple(neuron.bias_shape) if neuron.bias is not None else None,
     )
 
@@ -259,7 +267,9 @@ def damped_inverse(layout: GramLayout, A, ridge: float):
     or a full-rank design), so the inverse is as accurate as the solve to ``κ·eps``."""
     M = A + ridge_matrix(layout, ridge, A.dtype)
     eye = jnp.broadcast_to(jnp.eye(layout.aug, dtype=A.dtype), M.shape)
-    inv = jax.vmap(lambda m, e: jax.scipy.linalg.cho_solve(jax.scipy.linalg.cho_factor(m, lower=True), e))(M, eye)
+    inv = jax.vmap(
+        lambda m, e: jax.scipy.linalg.cho_solve(jax.scipy.linalg.cho_factor(m, lower=True), e)
+    )(M, eye)
     return (inv + jnp.swapaxes(inv, -1, -2)) / 2
 
 

@@ -20,7 +20,9 @@ def strategy_text(choice: Choice) -> str:
     if not choice.flops:
         return f"matrix-free ({choice.reason})"
     others = "; ".join(
-        f"{k} {_flops(v)}" for k, v in choice.flops.items() if k != choice.name and k != "covariance"
+        f"{k} {_flops(v)}"
+        for k, v in choice.flops.items()
+        if k != choice.name and k != "covariance"
     )
     tail = f"; {others}" if others and choice.name != "covariance" else ""
     forced = ", forced" if choice.reason == "forced" else ""

@@ -96,7 +96,9 @@ def foof(
             )
         table = features.table
         if [n.weight_path for n in table.neurons] != [n.weight_path for n in neurons.neurons]:
-            raise StructureError("the features' neurons are not those foof(neurons=...) was built for")
+            raise StructureError(
+                "the features' neurons are not those foof(neurons=...) was built for"
+            )
         g_leaves, treedef = jax.tree.flatten(grads)
         _check_structure(table, treedef, g_leaves, "gradients")
         flags = [~jnp.all(jnp.isfinite(g)) for g in g_leaves]
@@ -113,7 +115,9 @@ def foof(
         c2 = 1 - jnp.asarray(b2, dtype) ** t
         directions = list(g_leaves)
         cov = list(state.covariance)
-        for j, (neuron, X, layout) in enumerate(zip(table.neurons, features.values, layouts, strict=True)):
+        for j, (neuron, X, layout) in enumerate(
+            zip(table.neurons, features.values, layouts, strict=True)
+        ):
             if layout is None:
                 continue
             A_old, inv_old = state.covariance[j]
@@ -141,4 +145,3 @@ def foof(
         return updates, new_state
 
     return optax.GradientTransformationExtraArgs(init, update)
-

@@ -73,7 +73,10 @@ def check_strategy(strategy) -> None:
     values = strategy.values() if isinstance(strategy, dict) else [strategy]
     for value in values:
         if value not in STRATEGIES:
-            raise ValueError(f"strategy must be one of {STRATEGIES} (or a dict path -> one of them); got {value!r}")
+            raise ValueError(
+                f"strategy must be one of {STRATEGIES} (or a dict path -> one of them); "
+                f"got {value!r}"
+            )
     if isinstance(strategy, dict):
         for key in strategy:
             if not isinstance(key, str):

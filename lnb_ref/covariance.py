@@ -38,7 +38,9 @@ class _EMAInverse:
     """The EMA of every neuron's row metric ``C_g`` and its Cholesky factors, refreshed every
     ``refresh_every`` steps; shared by :class:`CovarianceLNB` and :class:`FOOF`."""
 
-    def __init__(self, neurons: Sequence[LinearNeuron], damping: float, b2: float, refresh_every: int):
+    def __init__(
+        self, neurons: Sequence[LinearNeuron], damping: float, b2: float, refresh_every: int
+    ):
         if not 0.0 <= b2 < 1.0:
             raise ValueError(f"b2 must lie in [0, 1), got {b2}")
         if int(refresh_every) != refresh_every or refresh_every < 1:
@@ -49,7 +51,9 @@ class _EMAInverse:
         self.damping, self.b2, self.refresh_every = damping, b2, int(refresh_every)
 
     def init(self) -> tuple[list, list]:
-        shapes = [None if n.identity_metric else (n.groups, n.row_dim, n.row_dim) for n in self.neurons]
+        shapes = [
+            None if n.identity_metric else (n.groups, n.row_dim, n.row_dim) for n in self.neurons
+        ]
         return [None if s is None else np.zeros(s) for s in shapes], [None] * len(shapes)
 
     def directions(self, t: int, grads, features, A, factors):
@@ -67,11 +71,15 @@ class _EMAInverse:
             A_i = self.b2 * A[i] + (1 - self.b2) * row_metric(neuron, features[i])
             factors_i = factors[i]
             if refresh:  # the damping on non-bias diagonal entries, as row_metric's γ (§3.4)
-                diag = ridge_diagonal(neuron, self.damping).reshape(neuron.groups, -1, neuron.row_dim)
+                diag = ridge_diagonal(neuron, self.damping).reshape(
+                    neuron.groups, -1, neuron.row_dim
+                )
                 damped = A_i / c2 + diag[:, 0, :, None] * np.eye(neuron.row_dim)
                 factors_i = [cholesky_or_raise(neuron.name, a) for a in damped]
             gg = neuron.grouped(grads[i])
-            d = np.stack([scipy.linalg.cho_solve(f, g.T).T for f, g in zip(factors_i, gg, strict=True)])
+            d = np.stack(
+                [scipy.linalg.cho_solve(f, g.T).T for f, g in zip(factors_i, gg, strict=True)]
+            )
             out.append(d.reshape(neuron.theta_shape))
             new_A.append(A_i)
             new_factors.append(factors_i)
@@ -109,7 +117,12 @@ class CovarianceLNB:
 
     def init(self, params: Sequence[np.ndarray]) -> dict:
         A, factors = self.inverse.init()
-        return {"t": 0, "g": [np.zeros(n.theta_shape) for n in self.neurons], "A": A, "factors": factors}
+        return {
+            "t": 0,
+            "g": [np.zeros(n.theta_shape) for n in self.neurons],
+            "A": A,
+            "factors": factors,
+        }
 
     def step(self, params, grads, features, state):
         """One step; returns ``(params, state, StepInfo)``."""
@@ -118,7 +131,9 @@ class CovarianceLNB:
         eps = self.epsilon(state["t"])
         g_ema = [self.b1 * m + (1 - self.b1) * g for m, g in zip(state["g"], grads, strict=True)]
         g_hat = [m / (1.0 - self.b1**t) for m in g_ema]
-        directions, A, factors = self.inverse.directions(t, g_hat, features, state["A"], state["factors"])
+        directions, A, factors = self.inverse.directions(
+            t, g_hat, features, state["A"], state["factors"]
+        )
         new, z, raw_z = boosting_update(params, directions, g_hat, eps, self.weight_decay, self.z0)
         state = {"t": t, "g": g_ema, "A": A, "factors": factors}
         return new, state, StepInfo(eps, z, raw_z, directions)
@@ -159,7 +174,9 @@ class FOOF:
         check_step_inputs(self.neurons, params, grads, features)
         t = state["t"] + 1
         lr = self.learning_rate(state["t"])
-        directions, A, factors = self.inverse.directions(t, grads, features, state["A"], state["factors"])
+        directions, A, factors = self.inverse.directions(
+            t, grads, features, state["A"], state["factors"]
+        )
         new = [p - lr * d for p, d in zip(params, directions, strict=True)]
         z = sum(step_norm(d, g) for d, g in zip(directions, grads, strict=True))
         return new, {"t": t, "A": A, "factors": factors}, StepInfo(lr, z, z, directions)

@@ -41,7 +41,7 @@ from lnb_ref.solvers import design_moments, paper_preconditioner, pcg  # noqa: E
 STEP_RTOL = 1e-9
 
 
-# --- one neuron: gram == matrix-free == lnb_ref ----------------------------------------------------
+# --- one neuron: gram == matrix-free == lnb_ref ------------------------------------------------
 @st.composite
 def problems(draw):
     problem = draw_problem(
@@ -148,8 +148,14 @@ def test_gram_steps_match_online_lnb(model):
     kw = dict(weight_decay=0.1, ridge=1e-3, z0=1e-4, b1=0.9, b2=0.99)
     ref = OnlineLNB(net.neurons, 0.05, **kw)
     params_err, loss_err = compare_steps(
-        net, loss, X, Y, ref,
-        lambda table: lnb_fast.lnb(0.05, strategy="gram", **kw), steps=10, batch=batch,
+        net,
+        loss,
+        X,
+        Y,
+        ref,
+        lambda table: lnb_fast.lnb(0.05, strategy="gram", **kw),
+        steps=10,
+        batch=batch,
     )
     assert loss_err <= STEP_RTOL and params_err < STEP_RTOL, (params_err, loss_err)
 
@@ -286,7 +292,10 @@ def test_describe_shows_the_strategy():
     assert by_path["['s']"].startswith("matrix-free (a scale neuron")
     assert by_path["['w']"].split()[0] in ("gram", "matrix-free") and "FLOP" in by_path["['w']"]
     forced = lnb_fast.describe(
-        scale_loss, SCALE_PARAMS, jnp.ones((5, 3)), print_table=False,
+        scale_loss,
+        SCALE_PARAMS,
+        jnp.ones((5, 3)),
+        print_table=False,
         strategy={"['w']": "covariance"},
     )
     assert {r["parameter"]: r["strategy"] for r in forced}["['w']"].startswith("covariance (")
@@ -313,6 +322,7 @@ def test_no_gradient_ema_in_the_state_when_b1_is_zero():
     params = {"w": jnp.ones((3, 4))}
     assert lnb_fast.lnb(0.1, b1=0.0).init(params).grad_ema is None
     n_leaves = lambda s: len(jax.tree.leaves(s))  # noqa: E731
-    assert n_leaves(lnb_fast.lnb(0.1, b1=0.9).init(params)) == n_leaves(
-        lnb_fast.lnb(0.1, b1=0.0).init(params)
-    ) + 1
+    assert (
+        n_leaves(lnb_fast.lnb(0.1, b1=0.9).init(params))
+        == n_leaves(lnb_fast.lnb(0.1, b1=0.0).init(params)) + 1
+    )
