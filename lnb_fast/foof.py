@@ -83,7 +83,9 @@ def foof(
     def init(params) -> FOOFState:
         dtype = jnp.result_type(*jax.tree.leaves(params))
         cov = tuple(
-            None if ly is None else (jnp.zeros((ly.groups, ly.aug, ly.aug), dtype),) * 2
+            None
+            if ly is None
+            else tuple(jnp.zeros((ly.groups, ly.aug, ly.aug), dtype) for _ in "AB")
             for ly in layouts
         )
         return FOOFState(jnp.zeros([], jnp.int32), cov, jnp.zeros([], jnp.int32))

@@ -156,22 +156,23 @@ def lnb(
     choices = plan(neurons, strategy, **options) if neurons is not None else None
 
     def init(params) -> LNBState:
-        zeros = jax.tree.map(jnp.zeros_like, params)
+        # A fresh buffer per field, so that a step may donate the state (no buffer twice).
+        zeros = lambda: jax.tree.map(jnp.zeros_like, params)  # noqa: E731
         covariance = ()
         if choices is not None:
             dtype = jnp.result_type(*jax.tree.leaves(params))
             covariance = tuple(
-                (jnp.zeros((c.layout.groups, c.layout.aug, c.layout.aug), dtype),) * 2
+                tuple(jnp.zeros((c.layout.groups, c.layout.aug, c.layout.aug), dtype) for _ in "AB")
                 if c.name == "covariance"
                 else None
                 for c in choices
             )
         return LNBState(
             count=jnp.zeros([], jnp.int32),
-            grad_ema=zeros if b1 else None,
-            mean=zeros,
-            second_moment=zeros,
-            direction=zeros,
+            grad_ema=zeros() if b1 else None,
+            mean=zeros(),
+            second_moment=zeros(),
+            direction=zeros(),
             skipped=jnp.zeros([], jnp.int32),
             covariance=covariance,
         )
