@@ -34,7 +34,14 @@ import optax
 from jax import lax
 
 from .capture import Features
-from .covariance import apply_inverse, augmented, damped_inverse, gram, gram_matvec
+from .covariance import (
+    apply_inverse,
+    augmented,
+    damped_inverse,
+    gram,
+    gram_layout,
+    gram_matvec,
+)
 from .discovery import NeuronTable
 from .errors import NonFiniteError, StructureError
 from .pcg import pcg, tree_vdot
@@ -154,6 +161,10 @@ def lnb(
             "neurons=lnb_fast.value_and_grad(loss).table(params, batch)"
         )
     choices = plan(neurons, strategy, **options) if neurons is not None else None
+    # With the neurons known up front the moments μ, χ are stored compactly, one (G, d) row per
+    # group instead of broadcast over the weight's rows (they are equal across rows), and a
+    # covariance neuron, which needs none, stores empty ones: see _compact_layouts.
+    compact = _compact_layouts(neurons, choices) if neurons is not None else {}
 
     def init(params) -> LNBState:
         # A fresh buffer per field, so that a step may donate the state (no buffer twice).
@@ -167,11 +178,25 @@ def lnb(
                 else None
                 for c in choices
             )
+        moments = [zeros(), zeros()]
+        if neurons is not None:
+            flat = [jax.tree.leaves(m) for m in moments]
+            treedef = jax.tree.structure(params)
+            for j, neuron in enumerate(neurons.neurons):
+                shape = None
+                if choices[j].name == "covariance":
+                    shape = (0,)
+                elif j in compact:
+                    shape = (compact[j].groups, compact[j].cols)
+                if shape is not None:
+                    for leaves in flat:
+                        leaves[neuron.weight] = jnp.zeros(shape, leaves[neuron.weight].dtype)
+            moments = [jax.tree.unflatten(treedef, leaves) for leaves in flat]
         return LNBState(
             count=jnp.zeros([], jnp.int32),
             grad_ema=zeros() if b1 else None,
-            mean=zeros(),
-            second_moment=zeros(),
+            mean=moments[0],
+            second_moment=moments[1],
             direction=zeros(),
             skipped=jnp.zeros([], jnp.int32),
             covariance=covariance,
@@ -253,13 +278,15 @@ def lnb(
                 continue
             mean, second = neuron.moments(X)
             i = neuron.weight
+            layout = compact.get(j)
+            if layout is not None:  # compact: one row per group, (G, d)
+                mean, second = (layout.to_rows(m)[:, 0, :] for m in (mean, second))
             mu_new[i] = b2 * mu_leaves[i] + (1 - b2) * mean
             chi_new[i] = b2 * chi_leaves[i] + (1 - b2) * second
-            P = (
-                neuron.preconditioner(mu_new[i] / c2, chi_new[i] / c2, ridge)
-                if precondition
-                else None
-            )
+            mu_hat, chi_hat = mu_new[i] / c2, chi_new[i] / c2
+            if layout is not None:  # broadcast over the rows again, for this step only
+                mu_hat, chi_hat = (_broadcast_rows(layout, m) for m in (mu_hat, chi_hat))
+            P = neuron.preconditioner(mu_hat, chi_hat, ridge) if precondition else None
             x0 = neuron.params_of(d_leaves) if warm_start else None
             if choice.name == "gram":  # the same PCG, products on the minibatch's Gram
                 C, mu_g = gram(choice.layout, X, neuron.n_samples)
@@ -309,6 +336,23 @@ def lnb(
         return updates, new_state
 
     return optax.GradientTransformationExtraArgs(init, update)
+
+
+def _compact_layouts(neurons: NeuronTable, choices) -> dict:
+    """neuron index -> :class:`~lnb_fast.covariance.GramLayout` for every non-covariance neuron
+    whose weight maps onto design rows: its moments are stored as ``(G, d)``."""
+    out = {}
+    for j, (neuron, choice) in enumerate(zip(neurons.neurons, choices, strict=True)):
+        layout = gram_layout(neuron)
+        if choice.name != "covariance" and not isinstance(layout, str):
+            out[j] = layout
+    return out
+
+
+def _broadcast_rows(layout, m):
+    """``(G, d)`` -> weight-shaped, every output row a copy of its group's row."""
+    G, d = m.shape
+    return layout.from_rows(jnp.broadcast_to(m[:, None, :], (G, layout.rows, d)))
 
 
 def _check_structure(table, treedef, leaves, what: str) -> None:

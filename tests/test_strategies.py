@@ -141,22 +141,19 @@ def cnn_problem():
 PROBLEMS = {"mlp": mlp_problem, "cnn": cnn_problem}
 
 
-@pytest.mark.parametrize("model", PROBLEMS)
-def test_gram_steps_match_online_lnb(model):
-    """Algorithm 2 with every neuron forced to the gram strategy, against OnlineLNB."""
+@pytest.mark.parametrize("compact", [False, True])
+@pytest.mark.parametrize(("model", "strategy"), [("mlp", "gram"), ("cnn", "gram"), ("cnn", "auto")])
+def test_gram_steps_match_online_lnb(model, strategy, compact):
+    """Algorithm 2 with every neuron forced to the gram strategy (or auto's mix), against
+    OnlineLNB; ``compact``: with ``neurons=``, the moments are stored as (G, d) rows."""
     net, loss, X, Y, batch = PROBLEMS[model]()
     kw = dict(weight_decay=0.1, ridge=1e-3, z0=1e-4, b1=0.9, b2=0.99)
     ref = OnlineLNB(net.neurons, 0.05, **kw)
-    params_err, loss_err = compare_steps(
-        net,
-        loss,
-        X,
-        Y,
-        ref,
-        lambda table: lnb_fast.lnb(0.05, strategy="gram", **kw),
-        steps=10,
-        batch=batch,
-    )
+
+    def fast(table):
+        return lnb_fast.lnb(0.05, strategy=strategy, neurons=table if compact else None, **kw)
+
+    params_err, loss_err = compare_steps(net, loss, X, Y, ref, fast, steps=10, batch=batch)
     assert loss_err <= STEP_RTOL and params_err < STEP_RTOL, (params_err, loss_err)
 
 
@@ -316,6 +313,19 @@ def test_forcing_an_impossible_strategy_names_the_parameter():
         lnb_fast.lnb(0.1, strategy="covariance")
     with pytest.raises(ValueError, match="neurons="):
         lnb_fast.foof(0.1)
+
+
+def test_compact_moments_with_neurons():
+    """With ``neurons=`` the moments of a dense neuron are one row (1, d_in) (a scale neuron's
+    stay weight-shaped); without, they are shaped like the weight."""
+    x = jnp.ones((5, 3))
+    table = lnb_fast.value_and_grad(scale_loss).table(SCALE_PARAMS, x)
+    compact = lnb_fast.lnb(0.1, neurons=table).init(SCALE_PARAMS)
+    assert compact.mean["w"].shape == compact.second_moment["w"].shape == (1, 3)
+    assert compact.mean["s"].shape == (4,)
+    assert lnb_fast.lnb(0.1).init(SCALE_PARAMS).mean["w"].shape == (3, 4)
+    cov = lnb_fast.lnb(0.1, strategy={"['w']": "covariance"}, neurons=table).init(SCALE_PARAMS)
+    assert cov.mean["w"].shape == (0,) and cov.covariance[0][0].shape == (1, 3, 3)
 
 
 def test_no_gradient_ema_in_the_state_when_b1_is_zero():
