@@ -21,7 +21,9 @@ For each model four functions are ``jax.jit``-compiled, each a single XLA comput
 * gradient only: ``jax.value_and_grad(loss_fn)`` and ``lnb_fast.value_and_grad(loss_fn)`` (the
   latter also returns the features); their ratio is the "capture overhead";
 * LNB per metric strategy (:mod:`lnb_fast.strategy`): ``matrix-free``, ``gram`` and
-  ``covariance`` forced on every neuron that can use them (``lnb step`` is ``auto``).
+  ``covariance`` forced on every neuron that can use them, and ``covariance/10`` (its EMA
+  updated every 10 steps, ``covariance_every=10``); ``lnb step`` is ``auto``. Every LNB step
+  gets ``neurons=`` (compact moments).
 
 Every step function donates its parameters and optimizer state (``donate_argnums``), as a
 training loop would, so that XLA's memory analysis of the compiled step (argument + output +
@@ -74,7 +76,10 @@ from lnb_fast.strategy import plan
 Params = dict[str, jax.Array]
 Batch = tuple[jax.Array, jax.Array]
 LEARNING_RATE = {"adam": 1e-3, "lnb": 1e-2}
-STRATEGIES = ("matrix-free", "gram", "covariance")
+STRATEGIES = ("matrix-free", "gram", "covariance", "covariance/10")
+#: ``covariance/10``: the covariance strategy with its EMA updated every 10 steps
+#: (``covariance_every=10``; ``refresh_every`` is 10 for both).
+COVARIANCE_EVERY = {"covariance": 1, "covariance/10": 10}
 KINDS = (
     "adam step",
     "lnb step",
@@ -265,17 +270,23 @@ def runners(model: Model, batch_size: int) -> tuple[dict[str, Runner], dict[str,
     table = value_grad_features.table(params, batch)
     opts = {
         "adam": (optax.adam(LEARNING_RATE["adam"]), False),
-        "lnb step": (lnb_fast.lnb(learning_rate=LEARNING_RATE["lnb"]), True),
+        "lnb step": (lnb_fast.lnb(learning_rate=LEARNING_RATE["lnb"], neurons=table), True),
     }
     for name in STRATEGIES:
         # Neurons that cannot use gram/covariance (scale, tagged) stay matrix-free.
+        strategy = name.split("/")[0]
         forced = {
-            n.weight_path: name for n, c in zip(table.neurons, plan(table), strict=True) if c.flops
+            n.weight_path: strategy
+            for n, c in zip(table.neurons, plan(table), strict=True)
+            if c.flops
         }
-        opts[f"lnb {name}"] = (
-            lnb_fast.lnb(learning_rate=LEARNING_RATE["lnb"], strategy=forced, neurons=table),
-            True,
+        opt = lnb_fast.lnb(
+            learning_rate=LEARNING_RATE["lnb"],
+            strategy=forced,
+            neurons=table,
+            covariance_every=COVARIANCE_EVERY.get(name, 1),
         )
+        opts[f"lnb {name}"] = (opt, True)
     found, memory = {}, {}
     for name, (opt, features) in opts.items():
         state = opt.init(params)
@@ -289,7 +300,13 @@ def runners(model: Model, batch_size: int) -> tuple[dict[str, Runner], dict[str,
     found["lnb gradient"] = Runner(jax.jit(value_grad_features), params, None, batch)
     base = xla_flops(adam_grad)
     predicted = {
-        s: (None if not base else 1 + model_extra_flops(table, s) / base)
+        s: (
+            None
+            if not base
+            else 1
+            + model_extra_flops(table, s.split("/")[0], covariance_every=COVARIANCE_EVERY.get(s, 1))
+            / base
+        )
         for s in ("auto", *STRATEGIES)
     }
     sizes = {
@@ -404,10 +421,14 @@ def time_to_target(args: argparse.Namespace) -> list[dict[str, Any]]:
     lnb_lr = optax.exponential_decay(0.01, steps, 0.75)
     candidates = {"adam": (optax.adam(3e-4), False)}
     for name in ("auto", *STRATEGIES):
-        candidates[f"lnb {name}"] = (
-            lnb_fast.lnb(lnb_lr, strategy=name, neurons=table, **LNB_OPTIONS),
-            True,
+        opt = lnb_fast.lnb(
+            lnb_lr,
+            strategy=name.split("/")[0],
+            neurons=table,
+            covariance_every=COVARIANCE_EVERY.get(name, 1),
+            **LNB_OPTIONS,
         )
+        candidates[f"lnb {name}"] = (opt, True)
     out = []
     for name, (opt, features) in candidates.items():
         params, state = copy_tree(init), copy_tree(opt.init(init))

@@ -182,11 +182,11 @@ def _build_layout(neuron: Neuron) -> GramLayout | str:
     size = int(np.prod(neuron.weight_shape))
     if groups * K * d != size:
         return "its weight chain is not a permutation of the rows"
+    # Probe with the entries' indices: exact in int32 (a chain that converts to float32 stays
+    # exact up to 2^24 entries; beyond that the check fails and the neuron stays matrix-free).
     with jax.ensure_compile_time_eval():
-        probe = np.asarray(
-            to_rows(jnp.arange(size, dtype=jnp.float32).reshape(neuron.weight_shape))
-        )
-    if not np.array_equal(np.sort(probe.ravel()), np.arange(size, dtype=np.float32)):
+        probe = np.asarray(to_rows(jnp.arange(size, dtype=jnp.int32).reshape(neuron.weight_shape)))
+    if not np.array_equal(np.sort(probe.ravel()), np.arange(size)):
         return "its weight chain is not a permutation of the rows"
     transpose = jax.linear_transpose(to_rows, w_aval)
 
@@ -277,3 +277,41 @@ def apply_inverse(layout: GramLayout, inverse, g):
     """``θ̂ = g A⁻¹`` row by row, on ``(w,)``/``(w, b)`` in the user's layout."""
     rows = layout.params_to_rows(g)
     return layout.rows_to_params(jnp.einsum("gkd,gde->gke", rows, inverse))
+
+
+def ema_inverse_step(
+    layout: GramLayout,
+    X,
+    n_samples: int,
+    A_old,
+    inv_old,
+    count,
+    b2: float,
+    ridge: float,
+    refresh_every: int,
+    covariance_every: int = 1,
+):
+    """One step of the covariance strategy's bookkeeping (and FOOF's): ``(A, A_inv)``.
+
+    ``A ← β₂ A + (1 − β₂) [[C, μ], [μᵀ, 1]]`` on the steps ``count % covariance_every == 0``
+    (the Gram is not even formed on the others), and on the steps ``count % refresh_every == 0``
+    ``A_inv = (A/c₂ + γ I_nonbias)⁻¹`` with ``c₂ = 1 − β₂ᵘ``, ``u`` the number of EMA updates so
+    far; otherwise the stored inverse is kept (stale). ``count`` is the step count before this
+    step (0 first: the first step updates and refreshes)."""
+
+    def update():
+        C, mu = gram(layout, X, n_samples)
+        return b2 * A_old + (1 - b2) * augmented(layout, C, mu).astype(A_old.dtype)
+
+    if covariance_every == 1:
+        A = update()
+    else:
+        A = lax.cond(count % covariance_every == 0, update, lambda: A_old)
+    updates = count // covariance_every + 1
+    c2 = 1 - jnp.asarray(b2, A_old.dtype) ** updates
+    inv = lax.cond(
+        count % refresh_every == 0,
+        lambda: damped_inverse(layout, A / c2, ridge),
+        lambda: inv_old,
+    )
+    return A, inv

@@ -24,10 +24,9 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
-from jax import lax
 
 from .capture import Features
-from .covariance import apply_inverse, augmented, damped_inverse, gram, gram_layout
+from .covariance import apply_inverse, ema_inverse_step, gram_layout
 from .discovery import NeuronTable
 from .errors import StructureError
 from .transform import _check_structure, _raise_if_nonfinite
@@ -48,6 +47,7 @@ def foof(
     *,
     b2: float = 0.95,
     refresh_every: int = 10,
+    covariance_every: int = 1,
     neurons: NeuronTable | None = None,
     nonfinite: str = "raise",
 ) -> optax.GradientTransformationExtraArgs:
@@ -58,6 +58,7 @@ def foof(
         damping: ``λ``, added to the non-bias diagonal of ``A/c₂`` before inverting.
         b2: EMA rate of ``A``.
         refresh_every: steps between refreshes of the stored inverse.
+        covariance_every: steps between updates of the EMA of ``A`` (1: every step).
         neurons: the loss's :class:`~lnb_fast.NeuronTable`
             (``lnb_fast.value_and_grad(loss).table(params, batch)``); required, since the state
             holds a ``(G, D, D)`` matrix per neuron.
@@ -72,8 +73,9 @@ def foof(
         raise ValueError(f"b2 must lie in [0, 1), got {b2}")
     if damping < 0:
         raise ValueError(f"damping must be >= 0, got {damping}")
-    if int(refresh_every) != refresh_every or refresh_every < 1:
-        raise ValueError(f"refresh_every must be an integer >= 1, got {refresh_every}")
+    for name, value in (("refresh_every", refresh_every), ("covariance_every", covariance_every)):
+        if int(value) != value or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value}")
     if nonfinite not in ("raise", "skip"):
         raise ValueError(f"nonfinite must be 'raise' or 'skip', got {nonfinite!r}")
     schedule = learning_rate if callable(learning_rate) else (lambda count: learning_rate)
@@ -114,7 +116,6 @@ def foof(
 
         t = state.count + 1
         dtype = jnp.result_type(*g_leaves) if g_leaves else jnp.float32
-        c2 = 1 - jnp.asarray(b2, dtype) ** t
         directions = list(g_leaves)
         cov = list(state.covariance)
         for j, (neuron, X, layout) in enumerate(
@@ -122,13 +123,16 @@ def foof(
         ):
             if layout is None:
                 continue
-            A_old, inv_old = state.covariance[j]
-            C, mu = gram(layout, X, neuron.n_samples)
-            A = b2 * A_old + (1 - b2) * augmented(layout, C, mu).astype(A_old.dtype)
-            inv = lax.cond(
-                state.count % refresh_every == 0,
-                lambda A=A, layout=layout: damped_inverse(layout, A / c2, damping),
-                lambda inv_old=inv_old: inv_old,
+            A, inv = ema_inverse_step(
+                layout,
+                X,
+                neuron.n_samples,
+                *state.covariance[j],
+                state.count,
+                b2,
+                damping,
+                refresh_every,
+                covariance_every,
             )
             cov[j] = (A, inv)
             d = apply_inverse(layout, inv, neuron.params_of(g_leaves))

@@ -31,17 +31,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax import lax
 
 from .capture import Features
-from .covariance import (
-    apply_inverse,
-    augmented,
-    damped_inverse,
-    gram,
-    gram_layout,
-    gram_matvec,
-)
+from .covariance import apply_inverse, ema_inverse_step, gram, gram_layout, gram_matvec
 from .discovery import NeuronTable
 from .errors import NonFiniteError, StructureError
 from .pcg import pcg, tree_vdot
@@ -88,6 +80,7 @@ def lnb(
     nonfinite: str = "raise",
     strategy: str | dict = "auto",
     refresh_every: int = 10,
+    covariance_every: int = 1,
     neurons: NeuronTable | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Online Linear Neuron Boosting (Algorithm 2) as an optax transformation.
@@ -128,6 +121,9 @@ def lnb(
             forcing gram/covariance on one raises a ``ValueError`` naming it.
         refresh_every: steps between refreshes of the covariance strategy's inverse (the first
             step refreshes).
+        covariance_every: steps between updates of the covariance strategy's EMA (the first
+            step updates; the bias correction counts updates). 1 (default) updates every step;
+            larger values skip forming the Gram (``2·n·D²``) on the other steps.
         neurons: the :class:`~lnb_fast.NeuronTable` of the loss
             (``lnb_fast.value_and_grad(loss).table(params, batch)``), so that ``init`` can
             allocate the per-neuron ``(G, D, D)`` matrices of the covariance strategy.
@@ -150,7 +146,13 @@ def lnb(
             f"batch)), got {type(neurons).__name__}"
         )
     schedule = learning_rate if callable(learning_rate) else (lambda count: learning_rate)
-    options = {"cg_iterations": cg_iterations, "refresh_every": refresh_every}
+    if int(covariance_every) != covariance_every or covariance_every < 1:
+        raise ValueError(f"covariance_every must be an integer >= 1, got {covariance_every}")
+    options = {
+        "cg_iterations": cg_iterations,
+        "refresh_every": refresh_every,
+        "covariance_every": covariance_every,
+    }
     wants_covariance = "covariance" in (
         strategy.values() if isinstance(strategy, dict) else [strategy]
     )
@@ -262,13 +264,16 @@ def lnb(
             if choice.name == "covariance":
                 # §3.5's second option: exact solve against the stale EMA metric.
                 layout = choice.layout
-                A_old, inv_old = state.covariance[j]
-                C, mu = gram(layout, X, neuron.n_samples)
-                A = b2 * A_old + (1 - b2) * augmented(layout, C, mu).astype(A_old.dtype)
-                inv = lax.cond(
-                    state.count % refresh_every == 0,
-                    lambda A=A, layout=layout: damped_inverse(layout, A / c2, ridge),
-                    lambda inv_old=inv_old: inv_old,
+                A, inv = ema_inverse_step(
+                    layout,
+                    X,
+                    neuron.n_samples,
+                    *state.covariance[j],
+                    state.count,
+                    b2,
+                    ridge,
+                    refresh_every,
+                    covariance_every,
                 )
                 covariance[j] = (A, inv)
                 d = apply_inverse(layout, inv, neuron.params_of(g_hat))

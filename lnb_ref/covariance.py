@@ -5,7 +5,8 @@
 invert it now and then. The second is :class:`CovarianceLNB`. Per neuron and group ``g``::
 
     A_g ← β₂ A_g + (1 − β₂) C_g(X)          C_g = Φ_gᵀΦ_g / n_i, augmented by Eq. 12 with a bias
-    every ``refresh_every`` steps (the first included):
+    every ``refresh_every`` steps (the first included; ``A`` itself is updated every
+    ``covariance_every`` steps, and c₂ = 1 − β₂ᵘ counts its ``u`` updates):
         F_g = cholesky(A_g / c₂ + γ I_nonbias)          c₂ = 1 − β₂ᵗ (bias correction)
     θ̂ = F⁻¹ ĝ, row by row  (the factor of the last refresh: stale in between)
 
@@ -39,16 +40,26 @@ class _EMAInverse:
     ``refresh_every`` steps; shared by :class:`CovarianceLNB` and :class:`FOOF`."""
 
     def __init__(
-        self, neurons: Sequence[LinearNeuron], damping: float, b2: float, refresh_every: int
+        self,
+        neurons: Sequence[LinearNeuron],
+        damping: float,
+        b2: float,
+        refresh_every: int,
+        covariance_every: int = 1,
     ):
         if not 0.0 <= b2 < 1.0:
             raise ValueError(f"b2 must lie in [0, 1), got {b2}")
-        if int(refresh_every) != refresh_every or refresh_every < 1:
-            raise ValueError(f"refresh_every must be an integer >= 1, got {refresh_every}")
+        for name, value in (
+            ("refresh_every", refresh_every),
+            ("covariance_every", covariance_every),
+        ):
+            if int(value) != value or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value}")
         if damping < 0:
             raise ValueError(f"the ridge/damping must be >= 0, got {damping}")
         self.neurons = list(neurons)
         self.damping, self.b2, self.refresh_every = damping, b2, int(refresh_every)
+        self.covariance_every = int(covariance_every)
 
     def init(self) -> tuple[list, list]:
         shapes = [
@@ -59,7 +70,8 @@ class _EMAInverse:
     def directions(self, t: int, grads, features, A, factors):
         """``θ̂_i = (A_i/c₂ + λ)⁻¹ g_i`` (identity neurons: ``g_i``); returns the directions and the
         new ``A`` and factors. ``t`` is the 1-based step number."""
-        c2 = 1.0 - self.b2**t
+        update = (t - 1) % self.covariance_every == 0  # steps 1, 1 + k, ... update the EMA
+        c2 = 1.0 - self.b2 ** ((t - 1) // self.covariance_every + 1)  # u updates so far
         refresh = (t - 1) % self.refresh_every == 0
         out, new_A, new_factors = [], [], []
         for i, neuron in enumerate(self.neurons):
@@ -68,7 +80,9 @@ class _EMAInverse:
                 new_A.append(None)
                 new_factors.append(None)
                 continue
-            A_i = self.b2 * A[i] + (1 - self.b2) * row_metric(neuron, features[i])
+            A_i = A[i]
+            if update:
+                A_i = self.b2 * A[i] + (1 - self.b2) * row_metric(neuron, features[i])
             factors_i = factors[i]
             if refresh:  # the damping on non-bias diagonal entries, as row_metric's γ (§3.4)
                 diag = ridge_diagonal(neuron, self.damping).reshape(
@@ -95,6 +109,8 @@ class CovarianceLNB:
         neurons, epsilon, weight_decay, ridge, z0, b1, b2: as :class:`~lnb_ref.lnb.OnlineLNB`
             (``ridge`` = γ, on the non-bias diagonal; ``b2`` is the rate of the EMA of ``A``).
         refresh_every: steps between refactorizations (1: every step).
+        covariance_every: steps between updates of the EMA ``A`` (1: every step; the bias
+            correction ``c₂ = 1 − β₂ᵘ`` counts the ``u`` updates made).
     """
 
     def __init__(
@@ -107,10 +123,11 @@ class CovarianceLNB:
         b1: float = 0.9,
         b2: float = 0.99,
         refresh_every: int = 1,
+        covariance_every: int = 1,
     ):
         if not 0.0 <= b1 < 1.0:
             raise ValueError(f"b1 must lie in [0, 1), got {b1}")
-        self.inverse = _EMAInverse(neurons, ridge, b2, refresh_every)
+        self.inverse = _EMAInverse(neurons, ridge, b2, refresh_every, covariance_every)
         self.neurons = self.inverse.neurons
         self.epsilon = as_schedule(epsilon)
         self.weight_decay, self.ridge, self.z0, self.b1 = weight_decay, ridge, z0, b1
@@ -150,7 +167,8 @@ class FOOF:
         neurons: the network's linear neurons, in the order of ``params``.
         learning_rate: a number or a schedule ``t ↦ lr_t``.
         damping: ``λ``, on the non-bias diagonal (LNB's γ).
-        b2: EMA rate of ``A``; refresh_every: steps between refactorizations.
+        b2: EMA rate of ``A``; refresh_every: steps between refactorizations;
+        covariance_every: steps between updates of ``A`` (as :class:`CovarianceLNB`).
     """
 
     def __init__(
@@ -160,8 +178,9 @@ class FOOF:
         damping: float = 0.0,
         b2: float = 0.95,
         refresh_every: int = 1,
+        covariance_every: int = 1,
     ):
-        self.inverse = _EMAInverse(neurons, damping, b2, refresh_every)
+        self.inverse = _EMAInverse(neurons, damping, b2, refresh_every, covariance_every)
         self.neurons = self.inverse.neurons
         self.learning_rate = as_schedule(learning_rate)
 

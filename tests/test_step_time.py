@@ -31,7 +31,13 @@ def test_quick_run_writes_every_strategy(tmp_path):
     assert bench.main(argv) == 0
     record = json.loads(out.read_text())
     (row,) = record["models"]
-    assert set(row["strategy_ratios"]) == {"auto", "matrix-free", "gram", "covariance"}
+    assert set(row["strategy_ratios"]) == {
+        "auto",
+        "matrix-free",
+        "gram",
+        "covariance",
+        "covariance/10",
+    }
     for s in row["strategy_ratios"].values():
         assert s["ratio"] > 0 and s["predicted_ratio"] > 1
     # The memory analysis compares donated steps; LNB keeps more state than Adam.

@@ -157,16 +157,18 @@ def test_gram_steps_match_online_lnb(model, strategy, compact):
     assert loss_err <= STEP_RTOL and params_err < STEP_RTOL, (params_err, loss_err)
 
 
-@pytest.mark.parametrize("model", PROBLEMS)
-def test_covariance_steps_match_reference(model):
+@pytest.mark.parametrize(("model", "covariance_every"), [("mlp", 1), ("cnn", 1), ("mlp", 2)])
+def test_covariance_steps_match_reference(model, covariance_every):
     """The covariance strategy against CovarianceLNB over 8 steps with a refresh every 3 (steps
-    1, 4, 7 refactor; the others solve against a stale inverse while the EMA moves on)."""
+    1, 4, 7 refactor; the others solve against a stale inverse while the EMA moves on), the EMA
+    updated every step or every other step."""
     net, loss, X, Y, batch = PROBLEMS[model]()
     kw = dict(weight_decay=0.1, ridge=1e-3, z0=1e-4, b1=0.9, b2=0.9)
-    ref = CovarianceLNB(net.neurons, 0.05, refresh_every=3, **kw)
+    every = dict(refresh_every=3, covariance_every=covariance_every)
+    ref = CovarianceLNB(net.neurons, 0.05, **every, **kw)
 
     def fast(table):
-        return lnb_fast.lnb(0.05, strategy="covariance", refresh_every=3, neurons=table, **kw)
+        return lnb_fast.lnb(0.05, strategy="covariance", neurons=table, **every, **kw)
 
     params_err, loss_err = compare_steps(net, loss, X, Y, ref, fast, steps=8, batch=batch)
     assert loss_err <= STEP_RTOL and params_err < STEP_RTOL, (params_err, loss_err)
@@ -175,12 +177,12 @@ def test_covariance_steps_match_reference(model):
 
 @pytest.mark.parametrize("model", PROBLEMS)
 def test_foof_matches_reference(model):
-    """lnb_fast.foof against lnb_ref.FOOF, refreshed every 3 steps."""
+    """lnb_fast.foof against lnb_ref.FOOF, refreshed every 3 steps, EMA every 2."""
     net, loss, X, Y, batch = PROBLEMS[model]()
-    ref = FOOF(net.neurons, 0.05, damping=1e-2, b2=0.9, refresh_every=3)
+    ref = FOOF(net.neurons, 0.05, damping=1e-2, b2=0.9, refresh_every=3, covariance_every=2)
 
     def fast(table):
-        return lnb_fast.foof(0.05, 1e-2, b2=0.9, refresh_every=3, neurons=table)
+        return lnb_fast.foof(0.05, 1e-2, b2=0.9, refresh_every=3, covariance_every=2, neurons=table)
 
     params_err, loss_err = compare_steps(net, loss, X, Y, ref, fast, steps=8, batch=batch)
     assert loss_err <= STEP_RTOL and params_err < STEP_RTOL, (params_err, loss_err)
