@@ -49,6 +49,7 @@ def test_quick_run_writes_every_strategy(tmp_path):
         "lnb matrix-free",
         "lnb gram",
         "lnb covariance",
+        "lnb covariance/10",
     ]
     assert "device" in record["machine"]
     assert "| mlp | gram |" in out.with_suffix(".md").read_text()
