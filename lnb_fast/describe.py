@@ -12,7 +12,7 @@ COLUMNS = ("parameter", "neuron", "shape", "n_i", "metric", "strategy")
 
 
 def _flops(x: float) -> str:
-    return f"{x / 1e9:.3g} GFLOP" if x >= 1e8 else f"{x / 1e6:.3g} MFLOP"
+    return f"{x / 1e9:.3g} GFLOP" if x >= 1e9 else f"{x / 1e6:.3g} MFLOP"
 
 
 def strategy_text(choice: Choice) -> str:
