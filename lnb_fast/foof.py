@@ -79,8 +79,12 @@ def foof(
     if nonfinite not in ("raise", "skip"):
         raise ValueError(f"nonfinite must be 'raise' or 'skip', got {nonfinite!r}")
     schedule = learning_rate if callable(learning_rate) else (lambda count: learning_rate)
-    layouts = [gram_layout(n) for n in neurons.neurons]
-    layouts = [None if isinstance(ly, str) else ly for ly in layouts]  # no design: −lr·g
+
+    def design_layouts(table):
+        """Each neuron's GramLayout, None without a design (−lr·g)."""
+        return [None if isinstance(ly, str) else ly for ly in map(gram_layout, table.neurons)]
+
+    layouts = design_layouts(neurons)
 
     def init(params) -> FOOFState:
         dtype = jnp.result_type(*jax.tree.leaves(params))
@@ -118,8 +122,10 @@ def foof(
         dtype = jnp.result_type(*g_leaves) if g_leaves else jnp.float32
         directions = list(g_leaves)
         cov = list(state.covariance)
+        # This trace's layouts (they know its batch's n_i; `neurons` may be another batch size).
+        step_layouts = design_layouts(table)
         for j, (neuron, X, layout) in enumerate(
-            zip(table.neurons, features.values, layouts, strict=True)
+            zip(table.neurons, features.values, step_layouts, strict=True)
         ):
             if layout is None:
                 continue

@@ -220,7 +220,10 @@ def lnb(
                 f"{[n.weight_path for n in table.neurons]} vs "
                 f"{[n.weight_path for n in neurons.neurons]}"
             )
-        step_choices = choices if neurons is not None else plan(table, strategy, **options)
+        # Planned on this trace's table: its layouts know this batch's n_i (the table given as
+        # neurons= may have been traced for another batch size; covariance is never auto-chosen,
+        # so which neurons are covariance, hence the state's layout, does not change).
+        step_choices = plan(table, strategy, **options)
         g_leaves, treedef = jax.tree.flatten(grads)
         _check_structure(table, treedef, g_leaves, "gradients")
         p_leaves = None

@@ -338,3 +338,25 @@ def test_no_gradient_ema_in_the_state_when_b1_is_zero():
         n_leaves(lnb_fast.lnb(0.1, b1=0.9).init(params))
         == n_leaves(lnb_fast.lnb(0.1, b1=0.0).init(params)) + 1
     )
+
+
+def test_neurons_from_another_batch_size():
+    """``neurons=`` traced on a batch of 5, steps on batches of 7: each step plans on its own
+    trace (its own n_i), and the compact/covariance state fits both."""
+    params = {"w": jnp.ones((3, 4)) / 3, "b": jnp.zeros(4)}
+
+    def loss(p, x):
+        return jnp.sum(jnp.tanh(x @ p["w"] + p["b"]) ** 2)
+
+    vgf = lnb_fast.value_and_grad(loss)
+    table = vgf.table(params, jnp.ones((5, 3)))
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(7, 3)))
+    for opt in (
+        lnb_fast.lnb(0.1, strategy="gram", neurons=table),
+        lnb_fast.lnb(0.1, strategy="covariance", neurons=table),
+        lnb_fast.foof(0.1, neurons=table),
+    ):
+        _, grads, features = vgf(params, x)
+        updates, _ = opt.update(grads, opt.init(params), params, features=features)
+        assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates))
+        assert float(jnp.abs(updates["w"]).sum()) > 0
