@@ -1,14 +1,17 @@
-"""Wall time of one training step of ``lnb_fast.lnb`` against ``optax.adam``, in one run.
+"""Wall time and memory of one training step of ``lnb_fast.lnb`` against ``optax.adam``, in one run.
 
-    .venv/bin/python benchmarks/step_time.py             # both models, ~30 s on 2 CPU cores
+    .venv/bin/python benchmarks/step_time.py             # three models, every strategy
     .venv/bin/python benchmarks/step_time.py --models mlp --repeats 10 --quiet
+    .venv/bin/python benchmarks/step_time.py --quick     # smoke test: tiny sizes, < 1 min
 
 Two plain-JAX models (float32, parameters as dicts of arrays, random data from a seeded NumPy
 generator, nothing downloaded):
 
 * ``mlp``: the paper's MNIST MLP, 784-800-800-10, tanh, batch 1000;
 * ``cnn``: three 3x3 convolutions (1→16, 16→32 stride 2, 32→32 stride 2, ReLU, SAME padding)
-  and a dense layer to 10 classes on 28x28x1 images, batch 256.
+  and a dense layer to 10 classes on 28x28x1 images, batch 256;
+* ``vit``: :func:`lnb.models.vit` (patch 4, dim 64, depth 2, 4 heads, MLP 128) on 28x28x1
+  images, batch 128.
 
 For each model four functions are ``jax.jit``-compiled, each a single XLA computation:
 
@@ -16,14 +19,33 @@ For each model four functions are ``jax.jit``-compiled, each a single XLA comput
 * LNB step: ``lnb_fast.value_and_grad`` (gradients and each neuron's input features, from one
   forward and one backward pass) + ``lnb_fast.lnb(...).update`` + ``optax.apply_updates``;
 * gradient only: ``jax.value_and_grad(loss_fn)`` and ``lnb_fast.value_and_grad(loss_fn)`` (the
-  latter also returns the features); their ratio is the "capture overhead".
+  latter also returns the features); their ratio is the "capture overhead";
+* LNB per metric strategy (:mod:`lnb_fast.strategy`): ``matrix-free``, ``gram`` and
+  ``covariance`` forced on every neuron that can use them, and ``covariance/10`` (its EMA
+  updated every 10 steps, ``covariance_every=10``); ``lnb step`` is ``auto``. Every LNB step
+  gets ``neurons=`` (compact moments).
+
+Every step function donates its parameters and optimizer state (``donate_argnums``), as a
+training loop would, so that XLA's memory analysis of the compiled step (argument + output +
+temporaries − aliased bytes) compares like with like: the "memory" columns are that peak
+divided by Adam's. Next to each measured ratio to Adam stands the cost model's prediction,
+``(F + E) / F`` with ``F`` the flops XLA counts in Adam's step and ``E`` the strategy's extra
+flops summed over the neurons (:func:`lnb_fast.strategy.cost`): where they disagree, the step is
+bound by memory traffic or launch overhead rather than flops.
+
+``--time-to-target`` (on by default) also trains the paper's MLP shape (800-800 tanh) on the
+digits the experiments use (``lnb.data.digits``, batch 100) with Adam and each LNB strategy
+until the test accuracy reaches ``--target``, and reports epochs and wall time (compilation
+excluded).
 
 Each function is first called ``--warmup`` times (compilation included, not timed); then, in each
 of ``--repeats`` rounds, each function is called once and timed up to ``jax.block_until_ready``,
-in an order that alternates between rounds, so that machine noise falls on all four alike. The
+in an order that alternates between rounds, so that machine noise falls on all alike. The
 steps carry their parameters and optimizer states from call to call, as in training. The table
 reports medians over the rounds; ``--out`` (default ``results/step_time.json``) also gets the
-quartiles, the machine and the command line. No timing is asserted anywhere.
+quartiles, the machine (and the device JAX ran on: it runs unchanged on a GPU) and the command
+line, and a Markdown copy of the tables goes next to it (``step_time.md``). No timing is
+asserted anywhere.
 """
 
 from __future__ import annotations
@@ -46,12 +68,25 @@ from jax import lax
 from tqdm.auto import tqdm
 
 import lnb_fast
-from lnb.train import make_step
+from lnb import models as lnb_models
+from lnb.experiments import LNB_OPTIONS
+from lnb_fast.strategy import cost as strategy_cost
+from lnb_fast.strategy import plan
 
 Params = dict[str, jax.Array]
 Batch = tuple[jax.Array, jax.Array]
 LEARNING_RATE = {"adam": 1e-3, "lnb": 1e-2}
-KINDS = ("adam step", "lnb step", "adam gradient", "lnb gradient")
+STRATEGIES = ("matrix-free", "gram", "covariance", "covariance/10")
+#: ``covariance/10``: the covariance strategy with its EMA updated every 10 steps
+#: (``covariance_every=10``; ``refresh_every`` is 10 for both).
+COVARIANCE_EVERY = {"covariance": 1, "covariance/10": 10}
+KINDS = (
+    "adam step",
+    "lnb step",
+    "adam gradient",
+    "lnb gradient",
+    *(f"lnb {s}" for s in STRATEGIES),
+)
 
 
 def glorot_normal(rng: np.random.Generator, shape: tuple[int, ...], fan_in: int, fan_out: int):
@@ -123,10 +158,91 @@ class Model:
         return jnp.asarray(x), jnp.asarray(rng.integers(0, 10, batch), jnp.int32)
 
 
+VIT = lnb_models.vit((28, 28, 1), 10, patch=4, dim=64, depth=2, heads=4, mlp_dim=128)
+
 MODELS = {
     "mlp": Model("mlp", mlp_params, mlp_loss, (784,), 1000),
     "cnn": Model("cnn", cnn_params, cnn_loss, (28, 28, 1), 256),
+    "vit": Model("vit", VIT.init, lnb_models.loss_fn(VIT), (28, 28, 1), 128),
 }
+
+#: ``--quick`` swaps in a one-block ViT (its compilation dominates a smoke test).
+QUICK_VIT = lnb_models.vit((28, 28, 1), 10, patch=7, dim=32, depth=1, heads=2, mlp_dim=32)
+QUICK_MODELS = {"vit": Model("vit", QUICK_VIT.init, lnb_models.loss_fn(QUICK_VIT), (28, 28, 1), 8)}
+
+
+def make_step(loss: Callable, opt: optax.GradientTransformation, uses_features: bool):
+    """The jitted step ``(params, state, batch) -> (params, state, loss)``, parameters and state
+    donated (as :func:`lnb.train.make_step`, plus ``donate_argnums``)."""
+    if uses_features:
+        vgf = lnb_fast.value_and_grad(loss)
+
+        def step(params, state, batch):
+            value, grads, features = vgf(params, batch)
+            updates, state = opt.update(grads, state, params, features=features)
+            return optax.apply_updates(params, updates), state, value
+
+    else:
+
+        def step(params, state, batch):
+            value, grads = jax.value_and_grad(loss)(params, batch)
+            updates, state = opt.update(grads, state, params)
+            return optax.apply_updates(params, updates), state, value
+
+    return jax.jit(step, donate_argnums=(0, 1))
+
+
+def peak_bytes(compiled) -> int | None:
+    """XLA's memory analysis of a compiled step: argument + output + temporary bytes − aliased
+    (donated) bytes; None where the backend does not report it."""
+    analysis = compiled.memory_analysis()
+    if analysis is None:
+        return None
+    return int(
+        analysis.argument_size_in_bytes
+        + analysis.output_size_in_bytes
+        + analysis.temp_size_in_bytes
+        - analysis.alias_size_in_bytes
+    )
+
+
+def xla_flops(compiled) -> float | None:
+    """The flops XLA's cost analysis counts in a compiled function."""
+    analysis = compiled.cost_analysis()
+    if isinstance(analysis, list | tuple):
+        analysis = analysis[0] if analysis else None
+    if not analysis or "flops" not in analysis:
+        return None
+    return float(analysis["flops"])
+
+
+def model_extra_flops(table, strategy: str, **options) -> float:
+    """The cost model's extra flops per step of ``strategy`` summed over the neurons (a neuron
+    that cannot use it counts as matrix-free, ``(k + 1)·4·n·P``, as lnb would run it)."""
+    from lnb_fast.covariance import gram_layout
+
+    k = options.get("cg_iterations", 2)
+    total = 0.0
+    for neuron in table.neurons:
+        layout = gram_layout(neuron)
+        if isinstance(layout, str):
+            total += (k + 1) * 4.0 * neuron.n_samples * neuron.n_params
+            continue
+        flops = strategy_cost(
+            neuron.n_samples,
+            layout.cols,
+            layout.groups * layout.rows,
+            layout.groups,
+            layout.bias_index is not None,
+            **options,
+        )
+        total += min(flops["gram"], flops["matrix-free"]) if strategy == "auto" else flops[strategy]
+    return total
+
+
+def copy_tree(tree):
+    """A fresh copy of every array (each runner donates its own buffers)."""
+    return jax.tree.map(jnp.copy, tree)
 
 
 class Runner:
@@ -146,22 +262,62 @@ class Runner:
         return time.perf_counter() - start
 
 
-def runners(model: Model, batch_size: int) -> tuple[dict[str, Runner], dict[str, int]]:
-    """The four timed functions of ``model``, its parameter count and LNB's neuron count."""
+def runners(model: Model, batch_size: int) -> tuple[dict[str, Runner], dict[str, Any]]:
+    """The timed functions of ``model``; its sizes, each step's peak memory and the flops."""
     rng = np.random.default_rng(0)
     params, batch = model.init(rng), model.data(rng, batch_size)
-    adam = optax.adam(LEARNING_RATE["adam"])
-    lnb = lnb_fast.lnb(learning_rate=LEARNING_RATE["lnb"])
     value_grad_features = lnb_fast.value_and_grad(model.loss)
-    found = {
-        "adam step": Runner(make_step(model.loss, adam, False), params, adam.init(params), batch),
-        "lnb step": Runner(make_step(model.loss, lnb, True), params, lnb.init(params), batch),
-        "adam gradient": Runner(jax.jit(jax.value_and_grad(model.loss)), params, None, batch),
-        "lnb gradient": Runner(jax.jit(value_grad_features), params, None, batch),
+    table = value_grad_features.table(params, batch)
+    opts = {
+        "adam": (optax.adam(LEARNING_RATE["adam"]), False),
+        "lnb step": (lnb_fast.lnb(learning_rate=LEARNING_RATE["lnb"], neurons=table), True),
+    }
+    for name in STRATEGIES:
+        # Neurons that cannot use gram/covariance (scale, tagged) stay matrix-free.
+        strategy = name.split("/")[0]
+        forced = {
+            n.weight_path: strategy
+            for n, c in zip(table.neurons, plan(table), strict=True)
+            if c.flops
+        }
+        opt = lnb_fast.lnb(
+            learning_rate=LEARNING_RATE["lnb"],
+            strategy=forced,
+            neurons=table,
+            covariance_every=COVARIANCE_EVERY.get(name, 1),
+        )
+        opts[f"lnb {name}"] = (opt, True)
+    found, memory = {}, {}
+    for name, (opt, features) in opts.items():
+        state = opt.init(params)
+        # Compiled once: its memory analysis, then the timed calls (the first is untimed).
+        step = make_step(model.loss, opt, features).lower(params, state, batch).compile()
+        kind = "adam step" if name == "adam" else name
+        memory[kind] = peak_bytes(step)
+        found[kind] = Runner(step, copy_tree(params), copy_tree(state), batch)
+    adam_grad = jax.jit(jax.value_and_grad(model.loss)).lower(params, batch).compile()
+    found["adam gradient"] = Runner(adam_grad, params, None, batch)
+    found["lnb gradient"] = Runner(jax.jit(value_grad_features), params, None, batch)
+    base = xla_flops(adam_grad)
+    predicted = {
+        s: (
+            None
+            if not base
+            else 1
+            + model_extra_flops(table, s.split("/")[0], covariance_every=COVARIANCE_EVERY.get(s, 1))
+            / base
+        )
+        for s in ("auto", *STRATEGIES)
     }
     sizes = {
-        "params": sum(int(np.prod(p.shape)) for p in params.values()),
-        "neurons": len(value_grad_features.table(params, batch).neurons),
+        "params": sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params)),
+        "neurons": len(table.neurons),
+        "memory_bytes": memory,
+        "gradient_flops": base,
+        "predicted_ratio": predicted,
+        "strategies": {
+            n.weight_path: c.name for n, c in zip(table.neurons, plan(table), strict=True)
+        },
     }
     return found, sizes
 
@@ -185,7 +341,20 @@ def measure(model: Model, args: argparse.Namespace, bar: tqdm) -> dict[str, Any]
         bar.update()
     times = {kind: summary(s) for kind, s in seconds.items()}
     median = {kind: t["median_ms"] for kind, t in times.items()}
+    memory = sizes["memory_bytes"]
+    adam_bytes = memory.get("adam step")
+    per_strategy = {}
+    for label, kind in (("auto", "lnb step"), *((s, f"lnb {s}") for s in STRATEGIES)):
+        per_strategy[label] = {
+            "median_ms": median[kind],
+            "ratio": median[kind] / median["adam step"],
+            "predicted_ratio": sizes["predicted_ratio"][label],
+            "memory_ratio": (
+                memory[kind] / adam_bytes if memory.get(kind) and adam_bytes else None
+            ),
+        }
     return {
+        "strategy_ratios": per_strategy,
         "model": model.name,
         "batch": batch_size,
         **sizes,
@@ -198,6 +367,103 @@ def measure(model: Model, args: argparse.Namespace, bar: tqdm) -> dict[str, Any]
             "lnb": median["lnb step"] - median["lnb gradient"],
         },
     }
+
+
+def _fmt(x: float | None, spec: str = ".2f", suffix: str = "x") -> str:
+    return "n/a" if x is None else f"{x:{spec}}{suffix}"
+
+
+def strategy_table(rows: list[dict[str, Any]]) -> str:
+    """Per model and strategy: step time, measured and predicted ratio to Adam, memory ratio."""
+    lines = [
+        "| model | strategy | LNB step (ms) | ratio to Adam | predicted (flops) | memory / Adam |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        for name, s in r["strategy_ratios"].items():
+            lines.append(
+                f"| {r['model']} | {name} | {s['median_ms']:.2f} | {_fmt(s['ratio'])} | "
+                f"{_fmt(s['predicted_ratio'])} | {_fmt(s['memory_ratio'])} |"
+            )
+    return "\n".join(lines)
+
+
+def target_table(results: list[dict[str, Any]], target: float) -> str:
+    lines = [
+        f"| optimizer | epochs to {target:.0%} test accuracy | wall time (s) | best accuracy |",
+        "|---|---:|---:|---:|",
+    ]
+    for r in results:
+        epochs = "not reached" if r["epochs"] is None else str(r["epochs"])
+        wall = "-" if r["seconds"] is None else f"{r['seconds']:.2f}"
+        lines.append(f"| {r['optimizer']} | {epochs} | {wall} | {r['best_accuracy']:.3f} |")
+    return "\n".join(lines)
+
+
+def time_to_target(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Train the MLP on digits with Adam and every LNB strategy until ``args.target`` test
+    accuracy (or ``args.max_epochs``): epochs and wall time (compilation excluded)."""
+    from lnb.data import digits
+
+    data = digits()
+    hidden = (32, 32) if args.quick else (800, 800)
+    model = lnb_models.mlp(int(np.prod(data.input_shape)), data.n_classes, hidden=hidden)
+    loss = lnb_models.loss_fn(model)
+    batch = 100
+    steps = len(data.x_train) // batch
+    x_test, y_test = jnp.asarray(data.x_test), jnp.asarray(data.y_test)
+    accuracy = jax.jit(
+        lambda p: jnp.mean(jnp.argmax(model.apply(p, x_test), -1) == y_test)  # noqa: B023
+    )
+    init = model.init(np.random.default_rng(0))
+    first = (jnp.asarray(data.x_train[:batch]), jnp.asarray(data.y_train[:batch]))
+    table = lnb_fast.value_and_grad(loss).table(init, first)
+    lnb_lr = optax.exponential_decay(0.01, steps, 0.75)
+    candidates = {"adam": (optax.adam(3e-4), False)}
+    for name in ("auto", *STRATEGIES):
+        opt = lnb_fast.lnb(
+            lnb_lr,
+            strategy=name.split("/")[0],
+            neurons=table,
+            covariance_every=COVARIANCE_EVERY.get(name, 1),
+            **LNB_OPTIONS,
+        )
+        candidates[f"lnb {name}"] = (opt, True)
+    out = []
+    for name, (opt, features) in candidates.items():
+        params, state = copy_tree(init), copy_tree(opt.init(init))
+        step = make_step(loss, opt, features).lower(params, state, first).compile()
+        rng = np.random.default_rng(0)
+        seconds, reached, best = 0.0, None, 0.0
+        for epoch in range(1, args.max_epochs + 1):
+            order = rng.permutation(len(data.x_train))
+            batches = [
+                (
+                    jnp.asarray(data.x_train[order[i * batch : (i + 1) * batch]]),
+                    jnp.asarray(data.y_train[order[i * batch : (i + 1) * batch]]),
+                )
+                for i in range(steps)
+            ]
+            start = time.perf_counter()
+            for b in batches:
+                params, state, _ = step(params, state, b)
+            jax.block_until_ready(params)
+            seconds += time.perf_counter() - start
+            acc = float(accuracy(params))
+            best = max(best, acc)
+            if acc >= args.target:
+                reached = epoch
+                break
+        out.append(
+            {
+                "optimizer": name,
+                "epochs": reached,
+                "seconds": seconds if reached else None,
+                "best_accuracy": best,
+                "model": model.name,
+            }
+        )
+    return out
 
 
 def table(rows: list[dict[str, Any]]) -> str:
@@ -218,6 +484,7 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 def machine() -> dict[str, Any]:
     return {
+        "device": str(jax.devices()[0]),
         "jax": jax.__version__,
         "optax": optax.__version__,
         "backend": jax.default_backend(),
@@ -243,13 +510,27 @@ def check_writable(path: Path) -> str | None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--models", default="mlp,cnn", help="comma-separated: mlp, cnn")
+    parser.add_argument("--models", default="mlp,cnn,vit", help="comma-separated: mlp, cnn, vit")
     parser.add_argument("--batch", type=int, default=None, help="batch size for every model")
     parser.add_argument("--repeats", type=int, default=30, help="timed rounds per model")
     parser.add_argument("--warmup", type=int, default=3, help="untimed calls first (compiles)")
     parser.add_argument("--out", type=Path, default=Path("results/step_time.json"))
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--quick", action="store_true", help="smoke test: batch 8, 2 rounds, 1 warm-up, tiny MLP"
+    )
+    parser.add_argument("--target", type=float, default=0.95, help="test accuracy to reach")
+    parser.add_argument("--max-epochs", type=int, default=30, help="time-to-target epoch limit")
+    parser.add_argument(
+        "--no-time-to-target",
+        dest="time_to_target",
+        action="store_false",
+        help="skip the time-to-target runs",
+    )
     args = parser.parse_args(argv)
+    if args.quick:
+        args.batch = args.batch or 8
+        args.repeats, args.warmup, args.max_epochs = 2, 1, 2
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
     unknown = [m for m in args.models if m not in MODELS]
     if unknown or not args.models:
@@ -271,20 +552,39 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     total = args.repeats * len(args.models)
     with tqdm(total=total, desc="rounds", disable=args.quiet, leave=False) as bar:
-        rows = [measure(MODELS[name], args, bar) for name in args.models]
+        chosen = {**MODELS, **QUICK_MODELS} if args.quick else MODELS
+        rows = [measure(chosen[name], args, bar) for name in args.models]
+    targets = time_to_target(args) if args.time_to_target else []
     elapsed = time.perf_counter() - start
-    print(table(rows))
-    print(f"\n{args.repeats} rounds, {args.warmup} warm-up calls, {elapsed:.0f} s in all")
+    info = machine()
+    text = [
+        f"Device: {info['device']} ({info['backend']}); {args.repeats} rounds, "
+        f"{args.warmup} warm-up calls, {elapsed:.0f} s in all.",
+        "",
+        table(rows),
+        "",
+        strategy_table(rows),
+    ]
+    if targets:
+        text += [
+            "",
+            f"Time to target on digits, {targets[0]['model']}:",
+            "",
+            target_table(targets, args.target),
+        ]
+    print("\n".join(text))
     record = {
         "command": " ".join([sys.executable, *sys.argv]),
-        "machine": machine(),
+        "machine": info,
         "repeats": args.repeats,
         "warmup": args.warmup,
         "total_s": elapsed,
         "models": rows,
+        "time_to_target": {"target": args.target, "results": targets},
     }
     try:
         args.out.write_text(json.dumps(record, indent=2) + "\n")
+        args.out.with_suffix(".md").write_text("\n".join(text) + "\n")
     except OSError as err:
         print(f"error: --out {args.out}: {err}", file=sys.stderr)
         return 2

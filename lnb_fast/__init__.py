@@ -16,15 +16,18 @@ from .capture import Features, ValueAndGrad, value_and_grad
 from .describe import describe, format_table
 from .discovery import NeuronTable
 from .errors import DiscoveryError, LNBError, NonFiniteError, StructureError
+from .foof import FOOFState, foof
 from .locoprop import LocalState, locoprop_m, locoprop_s
 from .neuron import Neuron
 from .pcg import PCGResult, pcg
 from .proxprop import proxprop
+from .strategy import STRATEGIES
 from .tagging import tag_neuron
 from .transform import LNBState, lnb
 
 __all__ = [
     "DiscoveryError",
+    "FOOFState",
     "Features",
     "LNBError",
     "LNBState",
@@ -33,9 +36,11 @@ __all__ = [
     "NeuronTable",
     "NonFiniteError",
     "PCGResult",
+    "STRATEGIES",
     "StructureError",
     "ValueAndGrad",
     "describe",
+    "foof",
     "format_table",
     "lnb",
     "locoprop_m",

@@ -6,13 +6,35 @@ from collections.abc import Callable
 
 from .capture import value_and_grad
 from .discovery import NeuronTable
+from .strategy import Choice, plan
 
-COLUMNS = ("parameter", "neuron", "shape", "n_i", "metric")
+COLUMNS = ("parameter", "neuron", "shape", "n_i", "metric", "strategy")
 
 
-def rows(table: NeuronTable) -> list[dict[str, str]]:
-    """One row per parameter leaf: path, neuron kind (and role), shape, ``n_i``, metric."""
+def _flops(x: float) -> str:
+    return f"{x / 1e9:.3g} GFLOP" if x >= 1e9 else f"{x / 1e6:.3g} MFLOP"
+
+
+def strategy_text(choice: Choice) -> str:
+    """``gram (2.1 GFLOP; matrix-free 7.5 GFLOP)``, or why a neuron is matrix-free only."""
+    if not choice.flops:
+        return f"matrix-free ({choice.reason})"
+    others = "; ".join(
+        f"{k} {_flops(v)}"
+        for k, v in choice.flops.items()
+        if k != choice.name and k != "covariance"
+    )
+    tail = f"; {others}" if others and choice.name != "covariance" else ""
+    forced = ", forced" if choice.reason == "forced" else ""
+    return f"{choice.name} ({_flops(choice.flops[choice.name])}{tail}{forced})"
+
+
+def rows(table: NeuronTable, strategy="auto", **options) -> list[dict[str, str]]:
+    """One row per parameter leaf: path, neuron kind (and role), shape, ``n_i``, metric and the
+    strategy :func:`lnb_fast.lnb` would use with ``strategy=`` (with the cost model's flops per
+    step, :mod:`lnb_fast.strategy`)."""
     owner = table.leaf_neuron()
+    choices = plan(table, strategy, **options)
     out = []
     for leaf, path in enumerate(table.paths):
         shape = "×".join(str(s) for s in table.shapes[leaf]) or "scalar"
@@ -26,6 +48,7 @@ def rows(table: NeuronTable) -> list[dict[str, str]]:
                     "shape": shape,
                     "n_i": str(neuron.n_samples),
                     "metric": "matrix-free",
+                    "strategy": strategy_text(choices[owner[leaf]]),
                 }
             )
         else:
@@ -37,14 +60,15 @@ def rows(table: NeuronTable) -> list[dict[str, str]]:
                     "shape": shape,
                     "n_i": "-",
                     "metric": f"identity ({table.identity[leaf]})",
+                    "strategy": "-",
                 }
             )
     return out
 
 
-def format_table(table: NeuronTable) -> str:
+def format_table(table: NeuronTable, strategy="auto", **options) -> str:
     """The rows of :func:`rows` as a Markdown table."""
-    body = rows(table)
+    body = rows(table, strategy, **options)
     widths = {c: max(len(c), *(len(r[c]) for r in body)) if body else len(c) for c in COLUMNS}
     line = lambda r: "| " + " | ".join(r[c].ljust(widths[c]) for c in COLUMNS) + " |"  # noqa: E731
     head = line({c: c for c in COLUMNS})
@@ -53,15 +77,27 @@ def format_table(table: NeuronTable) -> str:
 
 
 def describe(
-    loss_fn: Callable, params, *args, has_aux: bool = False, print_table: bool = True
+    loss_fn: Callable,
+    params,
+    *args,
+    has_aux: bool = False,
+    print_table: bool = True,
+    strategy="auto",
+    cg_iterations: int = 2,
+    refresh_every: int = 10,
 ) -> list[dict[str, str]]:
     """Print (and return) how LNB treats every parameter of ``loss_fn(params, *args)``.
 
     Columns: parameter path, neuron kind and role (``dense weight``, ``conv bias``, ``scale
     weight``, ``additive``, ``class token``, ``unclassified``...), shape, ``n_i`` (footnote 3),
-    and the metric: ``matrix-free`` (PCG on ``M_i``) or ``identity (why)`` (``θ̂ = g``).
+    the metric: ``matrix-free`` (PCG on ``M_i``) or ``identity (why)`` (``θ̂ = g``), and the
+    strategy :func:`lnb_fast.lnb` picks for it with the same ``strategy``, ``cg_iterations`` and
+    ``refresh_every`` (``"auto"``: the cheaper of matrix-free and gram by the cost model; a
+    forced strategy the neuron cannot use raises, naming the parameter), with the estimated
+    flops per step.
     """
     table = value_and_grad(loss_fn, has_aux=has_aux).table(params, *args)
+    options = {"cg_iterations": cg_iterations, "refresh_every": refresh_every}
     if print_table:
-        print(format_table(table))
-    return rows(table)
+        print(format_table(table, strategy, **options))
+    return rows(table, strategy, **options)

@@ -12,8 +12,14 @@ then, over the whole network (lines 12–14)::
     z = max(z0, Σ_i θ̂_i · ĝ_i)
     updates = −√ε·ρ·θ − √(ε/z)·θ̂          so that  θ + updates = (1 − √ε·ρ) θ − √(ε/z) θ̂
 
+How ``θ̂_i`` is computed is the neuron's *strategy* (:mod:`lnb_fast.strategy`): PCG with
+matrix-free products (the paper's), the same PCG with products on the design Gram ``C_i``
+(``"gram"``; same iterates to rounding, cheaper when ``d`` is small next to ``n_i``), or an exact
+solve against a stale EMA of ``C_i`` (``"covariance"``, opt-in: a different algorithm).
+
 Reference: Munoz, *Simple Linear Neuron Boosting* (2025), Algorithm 2 and §3.4–3.5; the NumPy
-oracle is :class:`lnb_ref.lnb.OnlineLNB`, which the test suite matches to 1e-9.
+oracles are :class:`lnb_ref.lnb.OnlineLNB` (matrix-free, gram), which the test suite matches to
+1e-9, and :class:`lnb_ref.covariance.CovarianceLNB` (covariance).
 """
 
 from __future__ import annotations
@@ -27,20 +33,28 @@ import numpy as np
 import optax
 
 from .capture import Features
+from .covariance import apply_inverse, ema_inverse_step, gram, gram_layout, gram_matvec
+from .discovery import NeuronTable
 from .errors import NonFiniteError, StructureError
 from .pcg import pcg, tree_vdot
+from .strategy import check_strategy, plan
 
 
 class LNBState(NamedTuple):
-    """The state of :func:`lnb`; every field but ``count``/``skipped`` is shaped like the params.
+    """The state of :func:`lnb`; ``grad_ema``, ``mean``, ``second_moment`` and ``direction`` are
+    shaped like the params.
 
     Attributes:
         count: steps taken (``t``; the schedule reads ε at ``count``).
-        grad_ema: EMA of the gradients (β₁).
+        grad_ema: EMA of the gradients (β₁); ``None`` when ``b1 = 0`` (no EMA: ``ĝ = g``, and
+            one parameter-sized tree less in memory).
         mean, second_moment: EMAs (β₂) of each neuron's design-column moments ``μ`` and ``χ``,
             stored broadcast over the weight's output rows (zeros for other leaves).
         direction: the previous θ̂ (PCG's warm start).
         skipped: steps skipped for non-finite values (``nonfinite="skip"``).
+        covariance: one entry per neuron of ``neurons=``: ``None``, or for a neuron with the
+            ``"covariance"`` strategy ``(A, A_inv)``, the EMA of its augmented second moment
+            (Eq. 12) and the damped inverse last refreshed, each ``(G, D, D)``.
     """
 
     count: jax.Array
@@ -49,6 +63,7 @@ class LNBState(NamedTuple):
     second_moment: Any
     direction: Any
     skipped: jax.Array
+    covariance: tuple = ()
 
 
 def lnb(
@@ -63,6 +78,10 @@ def lnb(
     precondition: bool = True,
     warm_start: bool = True,
     nonfinite: str = "raise",
+    strategy: str | dict = "auto",
+    refresh_every: int = 10,
+    covariance_every: int = 1,
+    neurons: NeuronTable | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Online Linear Neuron Boosting (Algorithm 2) as an optax transformation.
 
@@ -92,6 +111,22 @@ def lnb(
         nonfinite: ``"raise"`` (a NaN/Inf in a gradient or a neuron's features raises
             :class:`~lnb_fast.errors.NonFiniteError` naming the parameter) or ``"skip"`` (the
             step is skipped: zero updates, state unchanged but ``skipped`` incremented).
+        strategy: how each neuron's θ̂ is computed (:mod:`lnb_fast.strategy`): ``"auto"``
+            (the cheaper of the next two by the cost model), ``"matrix-free"`` (PCG with a
+            forward and a VJP per product), ``"gram"`` (the same PCG on the minibatch's design
+            Gram), ``"covariance"`` (exact solve against an EMA of the second moment, inverse
+            refreshed every ``refresh_every`` steps; needs ``neurons``), or a dict mapping a
+            weight's path (as :func:`lnb_fast.describe` prints it) to one of these (others:
+            ``"auto"``). Neurons without a design (scale, tagged) are always matrix-free;
+            forcing gram/covariance on one raises a ``ValueError`` naming it.
+        refresh_every: steps between refreshes of the covariance strategy's inverse (the first
+            step refreshes).
+        covariance_every: steps between updates of the covariance strategy's EMA (the first
+            step updates; the bias correction counts updates). 1 (default) updates every step;
+            larger values skip forming the Gram (``2·n·D²``) on the other steps.
+        neurons: the :class:`~lnb_fast.NeuronTable` of the loss
+            (``lnb_fast.value_and_grad(loss).table(params, batch)``), so that ``init`` can
+            allocate the per-neuron ``(G, D, D)`` matrices of the covariance strategy.
     """
     if not (0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0):
         raise ValueError(f"EMA rates must lie in [0, 1); got b1={b1}, b2={b2}")
@@ -102,17 +137,71 @@ def lnb(
     for name, value in (("weight_decay", weight_decay), ("ridge", ridge), ("z0", z0)):
         if value < 0:
             raise ValueError(f"{name} must be >= 0, got {value}")
+    if int(refresh_every) != refresh_every or refresh_every < 1:
+        raise ValueError(f"refresh_every must be an integer >= 1, got {refresh_every}")
+    check_strategy(strategy)
+    if neurons is not None and not isinstance(neurons, NeuronTable):
+        raise TypeError(
+            "neurons must be a lnb_fast.NeuronTable (lnb_fast.value_and_grad(loss).table(params, "
+            f"batch)), got {type(neurons).__name__}"
+        )
     schedule = learning_rate if callable(learning_rate) else (lambda count: learning_rate)
+    if int(covariance_every) != covariance_every or covariance_every < 1:
+        raise ValueError(f"covariance_every must be an integer >= 1, got {covariance_every}")
+    options = {
+        "cg_iterations": cg_iterations,
+        "refresh_every": refresh_every,
+        "covariance_every": covariance_every,
+    }
+    wants_covariance = "covariance" in (
+        strategy.values() if isinstance(strategy, dict) else [strategy]
+    )
+    if wants_covariance and neurons is None:
+        raise ValueError(
+            "strategy 'covariance' keeps a (G, D, D) matrix per neuron in the state, so "
+            "lnb_fast.lnb needs the neurons up front: pass "
+            "neurons=lnb_fast.value_and_grad(loss).table(params, batch)"
+        )
+    choices = plan(neurons, strategy, **options) if neurons is not None else None
+    # With the neurons known up front the moments μ, χ are stored compactly, one (G, d) row per
+    # group instead of broadcast over the weight's rows (they are equal across rows), and a
+    # covariance neuron, which needs none, stores empty ones: see _compact_layouts.
+    compact = _compact_layouts(neurons, choices) if neurons is not None else {}
 
     def init(params) -> LNBState:
-        zeros = jax.tree.map(jnp.zeros_like, params)
+        # A fresh buffer per field, so that a step may donate the state (no buffer twice).
+        zeros = lambda: jax.tree.map(jnp.zeros_like, params)  # noqa: E731
+        covariance = ()
+        if choices is not None:
+            dtype = jnp.result_type(*jax.tree.leaves(params))
+            covariance = tuple(
+                tuple(jnp.zeros((c.layout.groups, c.layout.aug, c.layout.aug), dtype) for _ in "AB")
+                if c.name == "covariance"
+                else None
+                for c in choices
+            )
+        moments = [zeros(), zeros()]
+        if neurons is not None:
+            flat = [jax.tree.leaves(m) for m in moments]
+            treedef = jax.tree.structure(params)
+            for j, neuron in enumerate(neurons.neurons):
+                shape = None
+                if choices[j].name == "covariance":
+                    shape = (0,)
+                elif j in compact:
+                    shape = (compact[j].groups, compact[j].cols)
+                if shape is not None:
+                    for leaves in flat:
+                        leaves[neuron.weight] = jnp.zeros(shape, leaves[neuron.weight].dtype)
+            moments = [jax.tree.unflatten(treedef, leaves) for leaves in flat]
         return LNBState(
             count=jnp.zeros([], jnp.int32),
-            grad_ema=zeros,
-            mean=zeros,
-            second_moment=zeros,
-            direction=zeros,
+            grad_ema=zeros() if b1 else None,
+            mean=moments[0],
+            second_moment=moments[1],
+            direction=zeros(),
             skipped=jnp.zeros([], jnp.int32),
+            covariance=covariance,
         )
 
     def update(grads, state: LNBState, params=None, *, features: Features | None = None, **_):
@@ -123,6 +212,18 @@ def lnb(
                 f"by lnb_fast.value_and_grad(loss_fn)(params, batch); got {type(features).__name__}"
             )
         table = features.table
+        if neurons is not None and [n.weight_path for n in neurons.neurons] != [
+            n.weight_path for n in table.neurons
+        ]:
+            raise StructureError(
+                "the features' neurons are not those lnb_fast.lnb(neurons=...) was built for: "
+                f"{[n.weight_path for n in table.neurons]} vs "
+                f"{[n.weight_path for n in neurons.neurons]}"
+            )
+        # Planned on this trace's table: its layouts know this batch's n_i (the table given as
+        # neurons= may have been traced for another batch size; covariance is never auto-chosen,
+        # so which neurons are covariance, hence the state's layout, does not change).
+        step_choices = plan(table, strategy, **options)
         g_leaves, treedef = jax.tree.flatten(grads)
         _check_structure(table, treedef, g_leaves, "gradients")
         p_leaves = None
@@ -141,7 +242,7 @@ def lnb(
         if nonfinite == "raise":
             _raise_if_nonfinite(table, bad)
 
-        m_leaves, mu_leaves = jax.tree.leaves(state.grad_ema), jax.tree.leaves(state.mean)
+        mu_leaves = jax.tree.leaves(state.mean)
         chi_leaves, d_leaves = (
             jax.tree.leaves(state.second_moment),
             jax.tree.leaves(state.direction),
@@ -151,24 +252,57 @@ def lnb(
         dtype = jnp.result_type(*g_leaves) if g_leaves else jnp.float32
         c1 = 1 - jnp.asarray(b1, dtype) ** t
         c2 = 1 - jnp.asarray(b2, dtype) ** t
-        m_new = [b1 * m + (1 - b1) * g for m, g in zip(m_leaves, g_leaves, strict=True)]
-        g_hat = [m / c1 for m in m_new]
+        if b1:
+            m_leaves = jax.tree.leaves(state.grad_ema)
+            m_new = [b1 * m + (1 - b1) * g for m, g in zip(m_leaves, g_leaves, strict=True)]
+            g_hat = [m / c1 for m in m_new]
+        else:
+            m_new, g_hat = None, list(g_leaves)
 
         directions = list(g_hat)  # identity metric unless a neuron says otherwise
         mu_new, chi_new = list(mu_leaves), list(chi_leaves)
-        for neuron, X in zip(table.neurons, features.values, strict=True):
+        covariance = list(state.covariance)
+        for j, (neuron, X) in enumerate(zip(table.neurons, features.values, strict=True)):
+            choice = step_choices[j]
+            if choice.name == "covariance":
+                # §3.5's second option: exact solve against the stale EMA metric.
+                layout = choice.layout
+                A, inv = ema_inverse_step(
+                    layout,
+                    X,
+                    neuron.n_samples,
+                    *state.covariance[j],
+                    state.count,
+                    b2,
+                    ridge,
+                    refresh_every,
+                    covariance_every,
+                )
+                covariance[j] = (A, inv)
+                d = apply_inverse(layout, inv, neuron.params_of(g_hat))
+                directions[neuron.weight] = d[0]
+                if neuron.bias is not None:
+                    directions[neuron.bias] = d[1]
+                continue
             mean, second = neuron.moments(X)
             i = neuron.weight
+            layout = compact.get(j)
+            if layout is not None:  # compact: one row per group, (G, d)
+                mean, second = (layout.to_rows(m)[:, 0, :] for m in (mean, second))
             mu_new[i] = b2 * mu_leaves[i] + (1 - b2) * mean
             chi_new[i] = b2 * chi_leaves[i] + (1 - b2) * second
-            P = (
-                neuron.preconditioner(mu_new[i] / c2, chi_new[i] / c2, ridge)
-                if precondition
-                else None
-            )
+            mu_hat, chi_hat = mu_new[i] / c2, chi_new[i] / c2
+            if layout is not None:  # broadcast over the rows again, for this step only
+                mu_hat, chi_hat = (_broadcast_rows(layout, m) for m in (mu_hat, chi_hat))
+            P = neuron.preconditioner(mu_hat, chi_hat, ridge) if precondition else None
             x0 = neuron.params_of(d_leaves) if warm_start else None
+            if choice.name == "gram":  # the same PCG, products on the minibatch's Gram
+                C, mu_g = gram(choice.layout, X, neuron.n_samples)
+                matvec = lambda v, ly=choice.layout, C=C, mu=mu_g: gram_matvec(ly, C, mu, v, ridge)  # noqa: E731
+            else:
+                matvec = lambda v, neuron=neuron, X=X: neuron.metric_matvec(X, v, ridge)  # noqa: E731
             result = pcg(
-                lambda v, neuron=neuron, X=X: neuron.metric_matvec(X, v, ridge),
+                matvec,
                 neuron.params_of(g_hat),
                 cg_iterations,
                 precondition=P,
@@ -193,11 +327,12 @@ def lnb(
         unflat = lambda leaves: jax.tree.unflatten(treedef, leaves)  # noqa: E731
         new_state = LNBState(
             count=t,
-            grad_ema=unflat(m_new),
+            grad_ema=None if m_new is None else unflat(m_new),
             mean=unflat(mu_new),
             second_moment=unflat(chi_new),
             direction=unflat(directions),
             skipped=state.skipped,
+            covariance=tuple(covariance),
         )
         updates = unflat(updates)
         if nonfinite == "skip":
@@ -209,6 +344,23 @@ def lnb(
         return updates, new_state
 
     return optax.GradientTransformationExtraArgs(init, update)
+
+
+def _compact_layouts(neurons: NeuronTable, choices) -> dict:
+    """neuron index -> :class:`~lnb_fast.covariance.GramLayout` for every non-covariance neuron
+    whose weight maps onto design rows: its moments are stored as ``(G, d)``."""
+    out = {}
+    for j, (neuron, choice) in enumerate(zip(neurons.neurons, choices, strict=True)):
+        layout = gram_layout(neuron)
+        if choice.name != "covariance" and not isinstance(layout, str):
+            out[j] = layout
+    return out
+
+
+def _broadcast_rows(layout, m):
+    """``(G, d)`` -> weight-shaped, every output row a copy of its group's row."""
+    G, d = m.shape
+    return layout.from_rows(jnp.broadcast_to(m[:, None, :], (G, layout.rows, d)))
 
 
 def _check_structure(table, treedef, leaves, what: str) -> None:

@@ -12,6 +12,7 @@ Map of the package, in the paper's order:
 ``whiten``             Eq. 12's factorization ``M = LᵀL``, ``M⁻¹ = WWᵀ``, whitening (§3.3)
 ``solvers``            exact Cholesky solve, PCG and the §3.5 preconditioners
 ``lnb``                Algorithm 1 (:class:`ExactLNB`) and Algorithm 2 (:class:`OnlineLNB`)
+``covariance``         §3.5's EMA-covariance option (:class:`CovarianceLNB`) and FOOF
 ``baselines``          gradient descent and Adam in NumPy
 ``network``            an MLP and a small CNN with hand-written backprop (Eq. 6)
 ``matfact``            the matrix-factorization problem of §5.1
@@ -30,6 +31,7 @@ from .boosting import (
     LinearLeastSquares,
     RandomFeatureLeastSquares,
 )
+from .covariance import FOOF, CovarianceLNB
 from .errors import LNBError, NeuronShapeError, NonFiniteError, NotPositiveDefiniteError
 from .gauss_newton import (
     SecondOrder,
@@ -75,10 +77,12 @@ __all__ = [
     "BoostedNetwork",
     "BoostingInfo",
     "Conv2d",
+    "CovarianceLNB",
     "Dense",
     "DiagonalPreconditioner",
     "Embedding",
     "ExactLNB",
+    "FOOF",
     "GradientDescent",
     "IncompleteCholeskyPreconditioner",
     "LNBError",

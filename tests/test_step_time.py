@@ -1,0 +1,55 @@
+"""Smoke test of ``benchmarks/step_time.py --quick``: it runs, and writes the JSON and the
+Markdown it promises, with every strategy's ratios. No timing is asserted (the machine is
+shared); only the shape of the record."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("jax")
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "step_time.py"
+
+
+def load():
+    spec = importlib.util.spec_from_file_location("step_time", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["step_time"] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_quick_run_writes_every_strategy(tmp_path):
+    bench = load()
+    out = tmp_path / "step_time.json"
+    argv = ["--quick", "--quiet", "--models", "mlp", "--max-epochs", "1", "--out", str(out)]
+    assert bench.main(argv) == 0
+    record = json.loads(out.read_text())
+    (row,) = record["models"]
+    assert set(row["strategy_ratios"]) == {
+        "auto",
+        "matrix-free",
+        "gram",
+        "covariance",
+        "covariance/10",
+    }
+    for s in row["strategy_ratios"].values():
+        assert s["ratio"] > 0 and s["predicted_ratio"] > 1
+    # The memory analysis compares donated steps; LNB keeps more state than Adam.
+    assert row["strategy_ratios"]["matrix-free"]["memory_ratio"] > 1
+    results = record["time_to_target"]["results"]
+    assert [r["optimizer"] for r in results] == [
+        "adam",
+        "lnb auto",
+        "lnb matrix-free",
+        "lnb gram",
+        "lnb covariance",
+        "lnb covariance/10",
+    ]
+    assert "device" in record["machine"]
+    assert "| mlp | gram |" in out.with_suffix(".md").read_text()
