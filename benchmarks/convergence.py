@@ -34,13 +34,13 @@ GRIDS = {
 #: Learning-rate grids of the related methods (``--related``), around each one's default.
 RELATED_GRIDS = {
     "matfact": {
-        "foof": [1e-4, 1e-3, 1e-2],
+        "foof": [3e-4, 1e-3, 3e-3],
         "locoprop-s": [3e-3, 1e-2, 3e-2],
         "locoprop-m": [3e-3, 1e-2, 3e-2],
         "proxprop": [3e-4, 1e-3, 3e-3],
     },
     "default": {
-        "foof": [0.3, 1.0, 3.0],
+        "foof": [0.1, 0.3, 1.0],
         "locoprop-s": [3.0, 10.0, 30.0],
         "locoprop-m": [3.0, 10.0, 30.0],
         "proxprop": [1.0, 10.0, 100.0],

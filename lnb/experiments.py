@@ -27,7 +27,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from . import data as datasets
-from .train import OptimizerSpec, make_step
+from .train import OptimizerSpec, make_step, neuron_table
 
 
 @dataclass(frozen=True)
@@ -60,7 +60,7 @@ SKIP = {"nonfinite": "skip"}
 #: The related methods (issue 6) on minibatches, at the best learning rates of the grids of
 #: ``benchmarks/convergence.py --related``; ``reproduce --lr NAME=VALUE`` overrides.
 RELATED_OPTIMIZERS = {
-    "foof": OptimizerSpec("foof", 0.03, 0.75, SKIP),
+    "foof": OptimizerSpec("foof", 0.3, 0.75, {"damping": 0.1, **SKIP}),
     "locoprop-s": OptimizerSpec("locoprop-s", 10.0, 0.75, SKIP),
     "locoprop-m": OptimizerSpec("locoprop-m", 10.0, 0.75, SKIP),
     "proxprop": OptimizerSpec("proxprop", 10.0, 0.75, SKIP),
@@ -252,8 +252,9 @@ def run_matfact(specs: list[OptimizerSpec], steps: int, seed: int, progress: boo
 
     full_loss = jax.jit(lambda p: loss(p, (X, Y)))
     runs = []
+    neurons = neuron_table(loss, params0, (X, Y))
     for spec in specs:
-        opt = spec.build()
+        opt = spec.build(1, neurons if spec.uses_features else None)
         step = make_step(loss, opt, uses_features=spec.uses_features)
         params, state = params0, opt.init(params0)
         start = time.perf_counter()

@@ -70,7 +70,10 @@ class OptimizerSpec:
             "seed": seed,
         }
 
-    def build(self, steps_per_epoch: int = 1) -> optax.GradientTransformation:
+    def build(self, steps_per_epoch: int = 1, neurons=None) -> optax.GradientTransformation:
+        """The optax transformation. ``neurons`` (the :class:`lnb_fast.NeuronTable` of the
+        model, from ``lnb_fast.value_and_grad(loss).table(params, batch)``) is required by FOOF
+        and by LNB's ``"covariance"`` strategy, and gives LNB compact moments."""
         if self.name not in OPTIMIZERS:
             raise ValueError(
                 f"unknown optimizer {self.name!r}; choose from {', '.join(OPTIMIZERS)}"
@@ -79,9 +82,9 @@ class OptimizerSpec:
         if self.decay != 1.0:
             lr = optax.exponential_decay(self.learning_rate, steps_per_epoch, self.decay)
         if self.name == "lnb":
-            return lnb_fast.lnb(learning_rate=lr, **self.options)
+            return lnb_fast.lnb(learning_rate=lr, neurons=neurons, **self.options)
         if self.name == "foof":
-            return lnb_fast.foof(lr, **self.options)
+            return lnb_fast.foof(lr, neurons=neurons, **self.options)
         if self.name == "locoprop-s":
             return lnb_fast.locoprop_s(lr, **self.options)
         if self.name == "locoprop-m":
@@ -91,6 +94,11 @@ class OptimizerSpec:
         if self.name == "adam":
             return optax.adam(lr, **self.options)
         return optax.sgd(lr, **self.options)
+
+
+def neuron_table(loss: Callable, params, batch) -> lnb_fast.NeuronTable:
+    """The neurons ``lnb_fast`` finds in ``loss(params, batch)`` (for ``OptimizerSpec.build``)."""
+    return lnb_fast.value_and_grad(loss).table(params, batch)
 
 
 def make_step(loss: Callable, opt: optax.GradientTransformation, uses_features: bool) -> Callable:
@@ -172,15 +180,16 @@ def train(
             f"batch size {batch_size} is larger than the training set ({len(data.x_train)})"
         )
     steps_per_epoch = len(data.x_train) // batch_size  # the remainder is dropped (fixed shapes)
-    opt = spec.build(steps_per_epoch)
-    params = model.init(np.random.default_rng(seed))
-    state = opt.init(params)
     from .models import loss_fn
 
+    params = model.init(np.random.default_rng(seed))
+    x0, y0 = jnp.asarray(data.x_train[:batch_size]), jnp.asarray(data.y_train[:batch_size])
+    neurons = neuron_table(loss_fn(model), params, (x0, y0)) if spec.uses_features else None
+    opt = spec.build(steps_per_epoch, neurons)
+    state = opt.init(params)
     step = make_step(loss_fn(model), opt, uses_features=spec.uses_features)
     evaluate_fn = make_eval(model, data.n_classes)
 
-    x0, y0 = jnp.asarray(data.x_train[:batch_size]), jnp.asarray(data.y_train[:batch_size])
     start = time.perf_counter()
     compiled = step.lower(params, state, (x0, y0)).compile()
     compile_seconds = time.perf_counter() - start
