@@ -44,12 +44,12 @@ def test_quick_run_writes_every_strategy(tmp_path):
     assert row["strategy_ratios"]["matrix-free"]["memory_ratio"] > 1
     results = record["time_to_target"]["results"]
     assert [r["optimizer"] for r in results] == [
-        "adam",
-        "lnb auto",
-        "lnb matrix-free",
-        "lnb gram",
-        "lnb covariance",
-        "lnb covariance/10",
+        "adam 0.0003",
+        "lnb auto (ε 0.01)",
+        "lnb matrix-free (ε 0.01)",
+        "lnb gram (ε 0.01)",
+        "lnb covariance (ε 0.01)",
+        "lnb covariance/10 (ε 0.01)",
     ]
     assert "device" in record["machine"]
     assert "| mlp | gram |" in out.with_suffix(".md").read_text()
