@@ -47,7 +47,7 @@ def rows(table: NeuronTable, strategy="auto", **options) -> list[dict[str, str]]
                     "neuron": f"{neuron.kind} {role}",
                     "shape": shape,
                     "n_i": str(neuron.n_samples),
-                    "metric": "matrix-free",
+                    "metric": "M_i (Eq. 10)",
                     "strategy": strategy_text(choices[owner[leaf]]),
                 }
             )
@@ -90,7 +90,7 @@ def describe(
 
     Columns: parameter path, neuron kind and role (``dense weight``, ``conv bias``, ``scale
     weight``, ``additive``, ``class token``, ``unclassified``...), shape, ``n_i`` (footnote 3),
-    the metric: ``matrix-free`` (PCG on ``M_i``) or ``identity (why)`` (``θ̂ = g``), and the
+    the metric: ``M_i (Eq. 10)`` (the neuron's own) or ``identity (why)`` (``θ̂ = g``), and the
     strategy :func:`lnb_fast.lnb` picks for it with the same ``strategy``, ``cg_iterations`` and
     ``refresh_every`` (``"auto"``: the cheaper of matrix-free and gram by the cost model; a
     forced strategy the neuron cannot use raises, naming the parameter), with the estimated

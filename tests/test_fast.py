@@ -130,12 +130,12 @@ def test_describe_plain_mlp(capsys):
     params, loss = plain_mlp()
     batch = (jnp.ones((10, 8)), jnp.zeros(10, jnp.int32))
     lnb_fast.describe(loss, params, batch)
-    assert "| [0]['w']  | dense weight | 8×16  | 10  | matrix-free |" in capsys.readouterr().out
+    assert "| [0]['w']  | dense weight | 8×16  | 10  | M_i (Eq. 10) |" in capsys.readouterr().out
     assert table(loss, params, batch) == [
-        ("[0]['b']", "dense bias", "16", "10", "matrix-free"),
-        ("[0]['w']", "dense weight", "8×16", "10", "matrix-free"),
-        ("[1]['b']", "dense bias", "4", "10", "matrix-free"),
-        ("[1]['w']", "dense weight", "16×4", "10", "matrix-free"),
+        ("[0]['b']", "dense bias", "16", "10", "M_i"),
+        ("[0]['w']", "dense weight", "8×16", "10", "M_i"),
+        ("[1]['b']", "dense bias", "4", "10", "M_i"),
+        ("[1]['w']", "dense weight", "16×4", "10", "M_i"),
     ]
 
 
@@ -143,12 +143,12 @@ def test_describe_plain_cnn():
     params, loss, batch = plain_cnn()
     # n_i: 5 images x 8x8 output pixels, then 5 x 4x4 (stride 2), then 5 samples.
     assert table(loss, params, batch) == [
-        ("['conv1']['b']", "conv bias", "4", "320", "matrix-free"),
-        ("['conv1']['w']", "conv weight", "3×3×1×4", "320", "matrix-free"),
-        ("['conv2']['b']", "conv bias", "6", "80", "matrix-free"),
-        ("['conv2']['w']", "conv weight", "3×3×2×6", "80", "matrix-free"),
-        ("['out']['b']", "dense bias", "3", "5", "matrix-free"),
-        ("['out']['w']", "dense weight", "96×3", "5", "matrix-free"),
+        ("['conv1']['b']", "conv bias", "4", "320", "M_i"),
+        ("['conv1']['w']", "conv weight", "3×3×1×4", "320", "M_i"),
+        ("['conv2']['b']", "conv bias", "6", "80", "M_i"),
+        ("['conv2']['w']", "conv weight", "3×3×2×6", "80", "M_i"),
+        ("['out']['b']", "dense bias", "3", "5", "M_i"),
+        ("['out']['w']", "dense weight", "96×3", "5", "M_i"),
     ]
 
 
@@ -172,10 +172,10 @@ def test_describe_equinox_mlp_and_cnn():
     params, static = eqx.partition(cnn, eqx.is_inexact_array)
     rows = table(eqx_loss(static), params, (jnp.ones((5, 2, 6, 6)), jnp.zeros(5, jnp.int32)))
     assert rows == [
-        (".layers[0].weight", "conv weight", "4×1×3×3", "45", "matrix-free"),
-        (".layers[0].bias", "conv bias", "4×1×1", "45", "matrix-free"),
-        (".layers[3].weight", "dense weight", "3×36", "5", "matrix-free"),
-        (".layers[3].bias", "dense bias", "3", "5", "matrix-free"),
+        (".layers[0].weight", "conv weight", "4×1×3×3", "45", "M_i"),
+        (".layers[0].bias", "conv bias", "4×1×1", "45", "M_i"),
+        (".layers[3].weight", "dense weight", "3×36", "5", "M_i"),
+        (".layers[3].bias", "dense bias", "3", "5", "M_i"),
     ]
 
 
@@ -184,25 +184,25 @@ def test_describe_equinox_vit_block():
     rows = table(eqx_loss(static), params, (jnp.ones((3, 1, 8, 8)), jnp.zeros(3, jnp.int32)))
     tokens = "15"  # 3 images x (1 class token + 4 patches)
     dense = [
-        (f".attn.{k}_proj.weight", "dense weight", "16×16", tokens, "matrix-free")
+        (f".attn.{k}_proj.weight", "dense weight", "16×16", tokens, "M_i")
         for k in ("query", "key", "value", "output")
     ]
     assert rows == [
-        (".patch.weight", "conv weight", "16×1×4×4", "12", "matrix-free"),
-        (".patch.bias", "conv bias", "16×1×1", "12", "matrix-free"),
+        (".patch.weight", "conv weight", "16×1×4×4", "12", "M_i"),
+        (".patch.bias", "conv bias", "16×1×1", "12", "M_i"),
         (".cls", "class token", "1×16", "-", "identity"),
         (".pos", "additive", "5×16", "-", "identity"),
-        (".ln1.weight", "scale weight", "16", tokens, "matrix-free"),
-        (".ln1.bias", "scale bias", "16", tokens, "matrix-free"),
+        (".ln1.weight", "scale weight", "16", tokens, "M_i"),
+        (".ln1.bias", "scale bias", "16", tokens, "M_i"),
         *dense,
-        (".ln2.weight", "scale weight", "16", tokens, "matrix-free"),
-        (".ln2.bias", "scale bias", "16", tokens, "matrix-free"),
-        (".mlp.layers[0].weight", "dense weight", "32×16", tokens, "matrix-free"),
-        (".mlp.layers[0].bias", "dense bias", "32", tokens, "matrix-free"),
-        (".mlp.layers[1].weight", "dense weight", "16×32", tokens, "matrix-free"),
-        (".mlp.layers[1].bias", "dense bias", "16", tokens, "matrix-free"),
-        (".head.weight", "dense weight", "3×16", "3", "matrix-free"),
-        (".head.bias", "dense bias", "3", "3", "matrix-free"),
+        (".ln2.weight", "scale weight", "16", tokens, "M_i"),
+        (".ln2.bias", "scale bias", "16", tokens, "M_i"),
+        (".mlp.layers[0].weight", "dense weight", "32×16", tokens, "M_i"),
+        (".mlp.layers[0].bias", "dense bias", "32", tokens, "M_i"),
+        (".mlp.layers[1].weight", "dense weight", "16×32", tokens, "M_i"),
+        (".mlp.layers[1].bias", "dense bias", "16", tokens, "M_i"),
+        (".head.weight", "dense weight", "3×16", "3", "M_i"),
+        (".head.bias", "dense bias", "3", "3", "M_i"),
     ]
 
 
@@ -216,13 +216,13 @@ def test_describe_flax_nnx_mlp():
 
     rows = table(loss, params, (jnp.ones((6, 8)), jnp.zeros(6, jnp.int32)))
     assert rows == [
-        ("['l1']['bias'].value", "dense bias", "16", "6", "matrix-free"),
-        ("['l1']['kernel'].value", "dense weight", "8×16", "6", "matrix-free"),
-        ("['l2']['bias'].value", "dense bias", "3", "6", "matrix-free"),
-        ("['l2']['kernel'].value", "dense weight", "16×3", "6", "matrix-free"),
+        ("['l1']['bias'].value", "dense bias", "16", "6", "M_i"),
+        ("['l1']['kernel'].value", "dense weight", "8×16", "6", "M_i"),
+        ("['l2']['bias'].value", "dense bias", "3", "6", "M_i"),
+        ("['l2']['kernel'].value", "dense weight", "16×3", "6", "M_i"),
         # Flax folds the scale into rsqrt(var) before multiplying by x - mean: still a scale.
-        ("['norm']['bias'].value", "scale bias", "16", "6", "matrix-free"),
-        ("['norm']['scale'].value", "scale weight", "16", "6", "matrix-free"),
+        ("['norm']['bias'].value", "scale bias", "16", "6", "M_i"),
+        ("['norm']['scale'].value", "scale weight", "16", "6", "M_i"),
     ]
 
 

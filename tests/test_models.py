@@ -179,7 +179,7 @@ def test_describe_mlp_unet_all_matrix_free(name):
         batch = (images(2), labels(2))
     table = lnb_fast.describe(models.loss_fn(model), params, batch, print_table=False)
     assert len(table) == len(jax.tree_util.tree_leaves(params))
-    assert all(r["metric"] == "matrix-free" for r in table)
+    assert all(r["metric"] == "M_i (Eq. 10)" for r in table)
     kind = "dense" if name == "mlp" else "conv"
     assert sorted({r["neuron"] for r in table}) == [f"{kind} bias", f"{kind} weight"]
 
@@ -199,7 +199,7 @@ def test_describe_vit(affine):
     assert kinds.count("scale weight") == kinds.count("scale bias") == n_ln
     assert len(table) == 2 * (6 * depth + 2 + n_ln) + 2
     assert not any("unclassified" in k or k in ("shared", "unused") for k in kinds)
-    identity = {r["parameter"]: r["neuron"] for r in table if r["metric"] != "matrix-free"}
+    identity = {r["parameter"]: r["neuron"] for r in table if r["metric"] != "M_i (Eq. 10)"}
     assert identity == {"['cls']": "class token", "['pos']": "additive"}
     by_path = {r["parameter"]: r for r in table}
     # n_i: 4 images x 2x2 patches for the patch conv, 4 x 5 tokens in the blocks, 4 for the head

@@ -25,7 +25,7 @@ def test_readme_example_runs_and_trains():
     with contextlib.redirect_stdout(out):
         exec(compile(example(), str(README), "exec"), {"__name__": "readme"})
     printed = out.getvalue()
-    assert "| .layers[0].weight | dense weight | 128×64  | 512 | matrix-free |" in printed
+    assert "| .layers[0].weight | dense weight | 128×64  | 512 | M_i (Eq. 10) |" in printed
     losses = [float(v) for v in re.findall(r"loss (\d+\.\d+)", printed)]
     assert len(losses) == 5
     assert losses[-1] < losses[0] / 100  # 2.33 -> below 0.0233 in 100 steps
