@@ -73,6 +73,7 @@ from tqdm.auto import tqdm
 import lnb_fast
 from lnb import models as lnb_models
 from lnb.experiments import LNB_OPTIONS
+from lnb.train import make_step as train_step
 from lnb_fast.strategy import cost as strategy_cost
 from lnb_fast.strategy import plan
 
@@ -175,24 +176,8 @@ QUICK_MODELS = {"vit": Model("vit", QUICK_VIT.init, lnb_models.loss_fn(QUICK_VIT
 
 
 def make_step(loss: Callable, opt: optax.GradientTransformation, uses_features: bool):
-    """The jitted step ``(params, state, batch) -> (params, state, loss)``, parameters and state
-    donated (as :func:`lnb.train.make_step`, plus ``donate_argnums``)."""
-    if uses_features:
-        vgf = lnb_fast.value_and_grad(loss)
-
-        def step(params, state, batch):
-            value, grads, features = vgf(params, batch)
-            updates, state = opt.update(grads, state, params, features=features)
-            return optax.apply_updates(params, updates), state, value
-
-    else:
-
-        def step(params, state, batch):
-            value, grads = jax.value_and_grad(loss)(params, batch)
-            updates, state = opt.update(grads, state, params)
-            return optax.apply_updates(params, updates), state, value
-
-    return jax.jit(step, donate_argnums=(0, 1))
+    """:func:`lnb.train.make_step` with the parameters and state donated."""
+    return train_step(loss, opt, uses_features, donate=True)
 
 
 def peak_bytes(compiled) -> int | None:

@@ -426,10 +426,54 @@ def ref_to_jax(net: Network, thetas: Sequence[np.ndarray]) -> list[dict[str, jax
 
 class StepErrors(NamedTuple):
     """Worst relative errors over whole Algorithm 2 steps: ``params`` of the parameters after
-    each step (Frobenius, per array), ``loss`` of the minibatch loss before each step."""
+    each step (Frobenius, per array), ``loss`` of the minibatch loss before each step; and
+    ``decrease``, the change of the reference run's loss on all the data (< 0: it trains)."""
 
     params: float
     loss: float
+    decrease: float = 0.0
+
+
+def compare_steps(
+    net: Network,
+    loss: Callable,
+    X: np.ndarray,
+    Y: np.ndarray,
+    ref_opt,
+    make_fast: Callable,
+    steps: int,
+    batch: int,
+    rng: np.random.Generator | None = None,
+) -> StepErrors:
+    """``steps`` steps of a reference optimizer (``ref_opt``, :mod:`lnb_ref`'s ``init``/``step``
+    interface) and of its ``lnb_fast`` twin (``make_fast(table)``, an optax transformation given
+    the network's :class:`lnb_fast.NeuronTable`, jitted) from the same initial parameters and
+    the same minibatches, all drawn from ``rng`` (default: seed 0)."""
+    rng = np.random.default_rng(0) if rng is None else rng
+    thetas = net.init(rng)
+    params = ref_to_jax(net, thetas)
+    vgf = lnb_fast.value_and_grad(loss)
+    opt = make_fast(vgf.table(params, (jnp.asarray(X[:batch]), jnp.asarray(Y[:batch]))))
+    state, ref_state = opt.init(params), ref_opt.init(thetas)
+    start = net.loss(thetas, X, Y)
+
+    @jax.jit
+    def step(params, state, x, y):
+        value, grads, feats = vgf(params, (x, y))
+        updates, state = opt.update(grads, state, params, features=feats)
+        return optax.apply_updates(params, updates), state, value
+
+    worst_params = worst_loss = 0.0
+    for _ in range(steps):
+        idx = rng.choice(len(X), size=batch, replace=False)
+        loss_ref, grads, feats = net.loss_grads_features(thetas, X[idx], Y[idx])
+        thetas, ref_state, _ = ref_opt.step(thetas, grads, feats, ref_state)
+        params, state, value = step(params, state, jnp.asarray(X[idx]), jnp.asarray(Y[idx]))
+        worst_loss = max(worst_loss, abs(float(value) - loss_ref) / max(abs(loss_ref), 1e-300))
+        for a, b in zip(ref_to_jax(net, thetas), params, strict=True):
+            for key in ("w", "b"):
+                worst_params = max(worst_params, rel_err(b[key], a[key]))
+    return StepErrors(worst_params, worst_loss, net.loss(thetas, X, Y) - start)
 
 
 def step_errors(
@@ -442,40 +486,24 @@ def step_errors(
     rng: np.random.Generator | None = None,
     **kw,
 ) -> StepErrors:
-    """Algorithm 2 on both sides (``lnb_ref.OnlineLNB`` and a jitted ``lnb_fast.lnb`` step) from
-    the same initial parameters and minibatches, both drawn from ``rng`` (default: seed 0).
-
-    ``kw`` are :class:`~lnb_ref.lnb.OnlineLNB`'s options (``epsilon`` is passed to
-    :func:`lnb_fast.lnb` as ``learning_rate``)."""
-    rng = np.random.default_rng(0) if rng is None else rng
-    thetas = net.init(rng)
-    params = ref_to_jax(net, thetas)
+    """Algorithm 2 on both sides (``lnb_ref.OnlineLNB`` and a jitted ``lnb_fast.lnb`` step),
+    :func:`compare_steps`. ``kw`` are :class:`~lnb_ref.lnb.OnlineLNB`'s options (``epsilon``
+    is passed to :func:`lnb_fast.lnb` as ``learning_rate``)."""
     # Every option explicit on both sides: lnb_fast's defaults for γ and b1 differ from the
     # reference's (docs/fast.md), so the reference's defaults are passed to both.
     kw = {"ridge": 0.0, "z0": 0.0, "b1": 0.9, "b2": 0.99, "weight_decay": 0.0, **kw}
-    ref = OnlineLNB(net.neurons, **kw)
-    ref_state = ref.init(thetas)
-    opt = lnb_fast.lnb(**{"learning_rate" if k == "epsilon" else k: v for k, v in kw.items()})
-    state = opt.init(params)
-    vgf = lnb_fast.value_and_grad(loss)
-
-    @jax.jit
-    def step(params, state, x, y):
-        value, grads, feats = vgf(params, (x, y))
-        updates, state = opt.update(grads, state, params, features=feats)
-        return optax.apply_updates(params, updates), state, value
-
-    worst_params = worst_loss = 0.0
-    for _ in range(steps):
-        idx = rng.choice(len(X), size=batch, replace=False)
-        loss_ref, grads, feats = net.loss_grads_features(thetas, X[idx], Y[idx])
-        thetas, ref_state, _ = ref.step(thetas, grads, feats, ref_state)
-        params, state, value = step(params, state, jnp.asarray(X[idx]), jnp.asarray(Y[idx]))
-        worst_loss = max(worst_loss, abs(float(value) - loss_ref) / max(abs(loss_ref), 1e-300))
-        for a, b in zip(ref_to_jax(net, thetas), params, strict=True):
-            for key in ("w", "b"):
-                worst_params = max(worst_params, rel_err(b[key], a[key]))
-    return StepErrors(worst_params, worst_loss)
+    fast_kw = {"learning_rate" if k == "epsilon" else k: v for k, v in kw.items()}
+    return compare_steps(
+        net,
+        loss,
+        X,
+        Y,
+        OnlineLNB(net.neurons, **kw),
+        lambda table: lnb_fast.lnb(**fast_kw),
+        steps,
+        batch,
+        rng,
+    )
 
 
 def mlp_step_errors(

@@ -101,10 +101,12 @@ def neuron_table(loss: Callable, params, batch) -> lnb_fast.NeuronTable:
     return lnb_fast.value_and_grad(loss).table(params, batch)
 
 
-def make_step(loss: Callable, opt: optax.GradientTransformation, uses_features: bool) -> Callable:
+def make_step(
+    loss: Callable, opt: optax.GradientTransformation, uses_features: bool, donate: bool = False
+) -> Callable:
     """The jitted training step ``(params, state, batch) -> (params, state, loss)`` of
     ``loss(params, batch)``: gradient, ``opt.update`` and ``optax.apply_updates`` in one XLA
-    computation. With ``uses_features`` (LNB) the gradient comes from
+    computation. With ``uses_features`` (LNB and the related methods) the gradient comes from
     :func:`lnb_fast.value_and_grad` and the features go to ``opt.update``."""
     if uses_features:
         vgf = lnb_fast.value_and_grad(loss)
@@ -121,7 +123,9 @@ def make_step(loss: Callable, opt: optax.GradientTransformation, uses_features: 
             updates, state = opt.update(grads, state, params)
             return optax.apply_updates(params, updates), state, value
 
-    return jax.jit(step)
+    # Donating the parameters and the state lets XLA update them in place (the memory analysis of
+    # benchmarks/step_time.py compares donated steps); the caller must not reuse the old ones.
+    return jax.jit(step, donate_argnums=(0, 1) if donate else ())
 
 
 def make_eval(model, n_classes: int) -> Callable:

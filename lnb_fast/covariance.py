@@ -315,3 +315,15 @@ def ema_inverse_step(
         lambda: inv_old,
     )
     return A, inv
+
+
+def covariance_direction(
+    layout: GramLayout, neuron, X, state, count, b2, ridge, refresh_every, covariance_every, g
+):
+    """One neuron's step of the covariance strategy (and of FOOF): update ``state = (A, A_inv)``
+    by :func:`ema_inverse_step` and return it with the direction ``θ̂ = g A⁻¹`` for ``g`` the
+    neuron's ``(w,)``/``(w, b)``."""
+    A, inv = ema_inverse_step(
+        layout, X, neuron.n_samples, *state, count, b2, ridge, refresh_every, covariance_every
+    )
+    return (A, inv), apply_inverse(layout, inv, g)

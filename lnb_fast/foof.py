@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import optax
 
 from .capture import Features
-from .covariance import apply_inverse, ema_inverse_step, gram_layout
+from .covariance import covariance_direction, gram_layout
 from .discovery import NeuronTable
 from .errors import StructureError
 from .transform import _check_structure, _raise_if_nonfinite
@@ -129,19 +129,18 @@ def foof(
         ):
             if layout is None:
                 continue
-            A, inv = ema_inverse_step(
+            cov[j], d = covariance_direction(
                 layout,
+                neuron,
                 X,
-                neuron.n_samples,
-                *state.covariance[j],
+                state.covariance[j],
                 state.count,
                 b2,
                 damping,
                 refresh_every,
                 covariance_every,
+                neuron.params_of(g_leaves),
             )
-            cov[j] = (A, inv)
-            d = apply_inverse(layout, inv, neuron.params_of(g_leaves))
             directions[neuron.weight] = d[0]
             if neuron.bias is not None:
                 directions[neuron.bias] = d[1]

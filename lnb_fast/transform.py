@@ -33,7 +33,7 @@ import numpy as np
 import optax
 
 from .capture import Features
-from .covariance import apply_inverse, ema_inverse_step, gram, gram_layout, gram_matvec
+from .covariance import covariance_direction, gram, gram_layout, gram_matvec
 from .discovery import NeuronTable
 from .errors import NonFiniteError, StructureError
 from .pcg import pcg, tree_vdot
@@ -267,19 +267,18 @@ def lnb(
             if choice.name == "covariance":
                 # §3.5's second option: exact solve against the stale EMA metric.
                 layout = choice.layout
-                A, inv = ema_inverse_step(
+                covariance[j], d = covariance_direction(
                     layout,
+                    neuron,
                     X,
-                    neuron.n_samples,
-                    *state.covariance[j],
+                    state.covariance[j],
                     state.count,
                     b2,
                     ridge,
                     refresh_every,
                     covariance_every,
+                    neuron.params_of(g_hat),
                 )
-                covariance[j] = (A, inv)
-                d = apply_inverse(layout, inv, neuron.params_of(g_hat))
                 directions[neuron.weight] = d[0]
                 if neuron.bias is not None:
                     directions[neuron.bias] = d[1]

@@ -28,7 +28,7 @@ import jax.numpy as jnp  # noqa: E402
 from conftest import RTOL, correlated_features, rel_err  # noqa: E402
 
 import lnb_fast  # noqa: E402
-from lnb.check import cnn_loss, draw_problem, mlp_loss, ref_to_jax  # noqa: E402
+from lnb.check import cnn_loss, compare_steps, draw_problem, mlp_loss, ref_to_jax  # noqa: E402
 from lnb_fast.locoprop import local_step, metric_bound  # noqa: E402
 from lnb_fast.proxprop import proximal_step  # noqa: E402
 from lnb_ref import LocoPropM, LocoPropS, ProxProp  # noqa: E402
@@ -136,34 +136,6 @@ def test_neuron_matches_reference(problem):
 
 
 # --- whole steps on the reference's networks ------------------------------------------------------
-def step_errors(net, loss, X, Y, ref_opt, fast_opt, steps, batch):
-    """``steps`` steps of ``ref_opt`` (lnb_ref) and ``fast_opt`` (optax, jitted) from the same
-    initial parameters and minibatches; the worst relative error of the parameters (per array)
-    after each step, and the loss decrease of the reference run."""
-    rng = np.random.default_rng(0)
-    thetas = net.init(rng)
-    params = ref_to_jax(net, thetas)
-    ref_state, state = ref_opt.init(thetas), fast_opt.init(params)
-    vgf = lnb_fast.value_and_grad(loss)
-
-    @jax.jit
-    def step(params, state, x, y):
-        _, grads, feats = vgf(params, (x, y))
-        updates, state = fast_opt.update(grads, state, params, features=feats)
-        return optax.apply_updates(params, updates), state
-
-    start = net.loss(thetas, X, Y)
-    worst = 0.0
-    for _ in range(steps):
-        idx = rng.choice(len(X), size=batch, replace=False)
-        _, grads, feats = net.loss_grads_features(thetas, X[idx], Y[idx])
-        thetas, ref_state, _ = ref_opt.step(thetas, grads, feats, ref_state)
-        params, state = step(params, state, jnp.asarray(X[idx]), jnp.asarray(Y[idx]))
-        for a, b in zip(ref_to_jax(net, thetas), params, strict=True):
-            worst = max(worst, *(rel_err(b[k], a[k]) for k in ("w", "b")))
-    return worst, net.loss(thetas, X, Y) - start
-
-
 def mlp_problem():
     rng = np.random.default_rng(5)
     X = correlated_features(rng, 200, 8)
@@ -202,7 +174,9 @@ def optimizers(net, method):
 def test_whole_steps_match_reference(problem, method):
     net, loss, X, Y = problem()
     ref_opt, fast_opt = optimizers(net, method)
-    worst, decrease = step_errors(net, loss, X, Y, ref_opt, fast_opt, steps=6, batch=32)
+    worst, _, decrease = compare_steps(
+        net, loss, X, Y, ref_opt, lambda table: fast_opt, steps=6, batch=32
+    )
     assert worst < STEP_RTOL
     assert worst > 0  # the two runs are really two computations
     assert decrease < 0  # and the method trains
