@@ -37,7 +37,7 @@ RELATED_GRIDS = {
         "foof": [3e-4, 1e-3, 3e-3],
         "locoprop-s": [3e-3, 1e-2, 3e-2],
         "locoprop-m": [3e-3, 1e-2, 3e-2],
-        "proxprop": [3e-4, 1e-3, 3e-3],
+        "proxprop": [1e-3, 3e-3, 1e-2],
     },
     "default": {
         "foof": [0.1, 0.3, 1.0],

@@ -57,8 +57,8 @@ LNB_OPTIONS = {"ridge": 0.1, "b1": 0.0}
 #: are, instead of stopping a learning-rate sweep with an error).
 SKIP = {"nonfinite": "skip"}
 
-#: The related methods (issue 6) on minibatches, at the best learning rates of the grids of
-#: ``benchmarks/convergence.py --related``; ``reproduce --lr NAME=VALUE`` overrides.
+#: The related methods (issue 6) on minibatches, at their best learning rates on the MLP in the
+#: grids of ``benchmarks/convergence.py --related``; ``reproduce --lr NAME=VALUE`` overrides.
 RELATED_OPTIMIZERS = {
     "foof": OptimizerSpec("foof", 0.3, 0.75, {"damping": 0.1, **SKIP}),
     "locoprop-s": OptimizerSpec("locoprop-s", 10.0, 0.75, SKIP),
@@ -91,10 +91,10 @@ EXPERIMENTS: dict[str, Experiment] = {
             "lnb": OptimizerSpec("lnb", 300.0, 0.95, {"b1": 0.0, "ridge": 0.0}),
             "adam": OptimizerSpec("adam", 1.0),
             "sgd": OptimizerSpec("sgd", 3e-3),
-            "foof": OptimizerSpec("foof", 1e-3, 1.0, SKIP),
-            "locoprop-s": OptimizerSpec("locoprop-s", 1e-3, 1.0, SKIP),
-            "locoprop-m": OptimizerSpec("locoprop-m", 1e-3, 1.0, SKIP),
-            "proxprop": OptimizerSpec("proxprop", 1e-3, 1.0, SKIP),
+            "foof": OptimizerSpec("foof", 3e-3, 1.0, SKIP),
+            "locoprop-s": OptimizerSpec("locoprop-s", 3e-2, 1.0, SKIP),
+            "locoprop-m": OptimizerSpec("locoprop-m", 3e-2, 1.0, SKIP),
+            "proxprop": OptimizerSpec("proxprop", 1e-2, 1.0, SKIP),
         },
     ),
     "mlp": Experiment(
