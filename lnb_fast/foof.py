@@ -29,7 +29,7 @@ from .capture import Features
 from .covariance import covariance_direction, gram_layout
 from .discovery import NeuronTable
 from .errors import StructureError
-from .transform import _check_structure, _raise_if_nonfinite
+from .transform import _check_structure, _nonfinite_flags, _raise_if_nonfinite
 
 
 class FOOFState(NamedTuple):
@@ -109,12 +109,7 @@ def foof(
             )
         g_leaves, treedef = jax.tree.flatten(grads)
         _check_structure(table, treedef, g_leaves, "gradients")
-        flags = [~jnp.all(jnp.isfinite(g)) for g in g_leaves]
-        flags += [
-            jnp.any(jnp.stack([~jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(v)]))
-            for v in features.values
-        ]
-        bad = jnp.stack(flags) if flags else jnp.zeros([0], bool)
+        bad = _nonfinite_flags(g_leaves, features)
         if nonfinite == "raise":
             _raise_if_nonfinite(table, bad)
 

@@ -40,7 +40,7 @@ import optax
 
 from .capture import Features
 from .neuron import Neuron
-from .transform import _check_structure, _raise_if_nonfinite
+from .transform import _check_structure, _nonfinite_flags, _raise_if_nonfinite
 
 #: φ for each ``Neuron.transfer`` (all with ``0 ≤ φ' ≤ 1``).
 TRANSFERS: dict[str, Callable[[jax.Array], jax.Array]] = {
@@ -125,15 +125,6 @@ def local_step(
     for _ in range(inner_steps - 1):
         delta = tuple(d - rho * s for d, s in zip(delta, gradient(delta), strict=True))
     return delta
-
-
-def _nonfinite_flags(g_leaves, features: Features):
-    flags = [~jnp.all(jnp.isfinite(g)) for g in g_leaves]
-    flags += [
-        jnp.any(jnp.stack([~jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(v)]))
-        for v in features.values
-    ]
-    return jnp.stack(flags) if flags else jnp.zeros([0], bool)
 
 
 def local_transformation(

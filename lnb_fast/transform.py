@@ -233,12 +233,7 @@ def lnb(
         elif weight_decay:
             raise ValueError("weight_decay needs the parameters: opt.update(grads, state, params)")
 
-        flags = [~jnp.all(jnp.isfinite(g)) for g in g_leaves]
-        flags += [
-            jnp.any(jnp.stack([~jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(v)]))
-            for v in features.values
-        ]
-        bad = jnp.stack(flags) if flags else jnp.zeros([0], bool)
+        bad = _nonfinite_flags(g_leaves, features)
         if nonfinite == "raise":
             _raise_if_nonfinite(table, bad)
 
@@ -374,6 +369,17 @@ def _check_structure(table, treedef, leaves, what: str) -> None:
                 f"{what} {path}: shape {tuple(jnp.shape(leaf))}, but the features were captured "
                 f"for shape {tuple(shape)}"
             )
+
+
+def _nonfinite_flags(g_leaves, features: Features):
+    """One flag per gradient leaf, then one per neuron's features: does it hold a NaN/Inf?
+    (The order :func:`_raise_if_nonfinite` names them in.)"""
+    flags = [~jnp.all(jnp.isfinite(g)) for g in g_leaves]
+    flags += [
+        jnp.any(jnp.stack([~jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(v)]))
+        for v in features.values
+    ]
+    return jnp.stack(flags) if flags else jnp.zeros([0], bool)
 
 
 def _describe_flag(table, index: int) -> str:
