@@ -136,9 +136,7 @@ def foof(
                 covariance_every,
                 neuron.params_of(g_leaves),
             )
-            directions[neuron.weight] = d[0]
-            if neuron.bias is not None:
-                directions[neuron.bias] = d[1]
+            neuron.put_params(directions, d)
         lr = jnp.asarray(schedule(state.count), dtype)
         updates = [(-lr * d).astype(g.dtype) for d, g in zip(directions, g_leaves, strict=True)]
         updates = jax.tree.unflatten(treedef, updates)

@@ -169,10 +169,7 @@ def local_transformation(
         updates = [-eta * g for g in g_leaves]  # identity metric unless a neuron says otherwise
         for neuron, X in zip(table.neurons, features.values, strict=True):
             theta, grad = neuron.params_of(p_leaves), neuron.params_of(g_leaves)
-            delta = per_neuron(neuron, X, theta, grad, eta)
-            updates[neuron.weight] = delta[0]
-            if neuron.bias is not None:
-                updates[neuron.bias] = delta[1]
+            neuron.put_params(updates, per_neuron(neuron, X, theta, grad, eta))
         updates = [u.astype(g.dtype) for u, g in zip(updates, g_leaves, strict=True)]
         updates = jax.tree.unflatten(treedef, updates)
         new_state = LocalState(state.count + 1, state.skipped)

@@ -122,6 +122,13 @@ class Neuron:
             return (leaves[self.weight],)
         return (leaves[self.weight], leaves[self.bias])
 
+    def put_params(self, leaves: list, values: Params) -> None:
+        """Write ``(w,)`` or ``(w, b)`` into a list of leaves, in place (inverse of
+        :meth:`params_of`)."""
+        leaves[self.weight] = values[0]
+        if self.bias is not None:
+            leaves[self.bias] = values[1]
+
     # --- Eq. 11 ----------------------------------------------------------------------------------
     def metric_matvec(self, X, v: Params, ridge: float = 0.0) -> Params:
         """``M v = Jᵀ (J v) / n_i + γ v_w`` (Eq. 11 and §3.4): one forward of the neuron's own map

@@ -274,9 +274,7 @@ def lnb(
                     covariance_every,
                     neuron.params_of(g_hat),
                 )
-                directions[neuron.weight] = d[0]
-                if neuron.bias is not None:
-                    directions[neuron.bias] = d[1]
+                neuron.put_params(directions, d)
                 continue
             mean, second = neuron.moments(X)
             i = neuron.weight
@@ -302,9 +300,7 @@ def lnb(
                 precondition=P,
                 x0=x0,
             )
-            directions[neuron.weight] = result.x[0]
-            if neuron.bias is not None:
-                directions[neuron.bias] = result.x[1]
+            neuron.put_params(directions, result.x)
 
         raw_z = tree_vdot(directions, g_hat)
         z = jnp.maximum(z0, raw_z)
