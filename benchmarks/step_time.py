@@ -74,7 +74,6 @@ import lnb_fast
 from lnb import models as lnb_models
 from lnb.experiments import LNB_OPTIONS
 from lnb.train import make_step as train_step
-from lnb_fast.strategy import cost as strategy_cost
 from lnb_fast.strategy import plan
 
 Params = dict[str, jax.Array]
@@ -205,26 +204,16 @@ def xla_flops(compiled) -> float | None:
 
 
 def model_extra_flops(table, strategy: str, **options) -> float:
-    """The cost model's extra flops per step of ``strategy`` summed over the neurons (a neuron
-    that cannot use it counts as matrix-free, ``(k + 1)·4·n·P``, as lnb would run it)."""
-    from lnb_fast.covariance import gram_layout
-
+    """The cost model's extra flops per step of ``strategy`` summed over the neurons, from
+    :func:`lnb_fast.strategy.plan` (a neuron that cannot use it counts as matrix-free,
+    ``(k + 1)·4·n·P``, as lnb would run it)."""
     k = options.get("cg_iterations", 2)
     total = 0.0
-    for neuron in table.neurons:
-        layout = gram_layout(neuron)
-        if isinstance(layout, str):
+    for neuron, choice in zip(table.neurons, plan(table, **options), strict=True):
+        if not choice.flops:
             total += (k + 1) * 4.0 * neuron.n_samples * neuron.n_params
-            continue
-        flops = strategy_cost(
-            neuron.n_samples,
-            layout.cols,
-            layout.groups * layout.rows,
-            layout.groups,
-            layout.bias_index is not None,
-            **options,
-        )
-        total += min(flops["gram"], flops["matrix-free"]) if strategy == "auto" else flops[strategy]
+        else:
+            total += choice.flops[choice.name if strategy == "auto" else strategy]
     return total
 
 
