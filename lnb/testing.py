@@ -17,3 +17,13 @@ def correlated_features(rng, n: int, d: int, mean_scale: float = 1.0) -> np.ndar
     mix = rng.normal(size=(d, d)) / np.sqrt(d) + np.eye(d)
     scales = np.exp(rng.uniform(-1.0, 1.0, size=d))
     return (rng.normal(size=(n, d)) @ mix) * scales + mean_scale * rng.normal(size=d)
+
+
+def teacher_problem(loss: str, seed: int, n: int, d: int, k: int = 3):
+    """``(X, Y)`` for a small network with ``loss``: correlated inputs, a noisy linear teacher's
+    argmax labels (``"softmax_cross_entropy"``) or its tanh as regression targets (``"mse"``)."""
+    rng = np.random.default_rng(seed)
+    X = correlated_features(rng, n, d)
+    scores = X @ rng.normal(size=(d, k)) + 0.3 * rng.normal(size=(n, k))
+    Y = np.argmax(scores, axis=1) if loss == "softmax_cross_entropy" else np.tanh(scores)
+    return X, Y

@@ -22,7 +22,7 @@ settings.load_profile("ci")
 
 RTOL = 1e-10
 
-from lnb.testing import correlated_features, rel_err  # noqa: E402, F401 - shared helpers
+from lnb.testing import correlated_features, rel_err, teacher_problem  # noqa: E402, F401 - shared helpers
 
 
 def naive_conv2d(X, filters, bias, stride, padding, dilation, groups):

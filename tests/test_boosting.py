@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import RTOL, correlated_features, rel_err
+from conftest import RTOL, correlated_features, rel_err, teacher_problem
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -28,12 +28,8 @@ from lnb_ref import (
 )
 
 
-def problem(loss: str, seed: int, n: int = 40, d: int = 4, k: int = 3):
-    rng = np.random.default_rng(seed)
-    X = correlated_features(rng, n, d)
-    scores = X @ rng.normal(size=(d, k)) + 0.3 * rng.normal(size=(n, k))
-    Y = np.argmax(scores, axis=1) if loss == "softmax_cross_entropy" else np.tanh(scores)
-    return X, Y
+def problem(loss: str, seed: int, n: int = 40, d: int = 4):
+    return teacher_problem(loss, seed, n, d)
 
 
 CASES = [(bias, loss) for bias in (True, False) for loss in ("softmax_cross_entropy", "mse")]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import RTOL, correlated_features, rel_err
+from conftest import RTOL, rel_err, teacher_problem
 
 from lnb_ref import (
     MLP,
@@ -30,12 +30,8 @@ from lnb_ref import (
 from lnb_ref.gauss_newton import flatten, metric_matrix, unflatten
 
 
-def problem(loss: str, seed: int, n: int = 12, d: int = 3, k: int = 3):
-    rng = np.random.default_rng(seed)
-    X = correlated_features(rng, n, d)
-    scores = X @ rng.normal(size=(d, k)) + 0.3 * rng.normal(size=(n, k))
-    Y = np.argmax(scores, axis=1) if loss == "softmax_cross_entropy" else np.tanh(scores)
-    return X, Y
+def problem(loss: str, seed: int, n: int = 12, d: int = 3):
+    return teacher_problem(loss, seed, n, d)
 
 
 def tiny(loss="softmax_cross_entropy", bias=True, seed=0, **kw):
