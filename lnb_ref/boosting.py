@@ -50,7 +50,7 @@ import numpy as np
 import scipy.linalg
 
 from .errors import NeuronShapeError, check_finite
-from .network import Network, Record, Tape, get_activation
+from .network import Network, Tape
 from .neurons import Dense
 from .schedules import Schedule, as_schedule
 from .solvers import cholesky_or_raise
@@ -230,21 +230,10 @@ class BoostedNetwork:
             )
 
     def forward(self, params, ensembles: Sequence[Ensemble], X: np.ndarray):
-        """The forward pass through the strong learners; one ``Record`` per layer."""
+        """The forward pass through the strong learners; one ``Record`` per layer
+        (:meth:`Network.forward` with the ensembles)."""
         self._check_ensembles(ensembles)
-        params = self.net.check_params(params)
-        h = self.net.check_input(X)
-        records = []
-        for neuron, theta, ens, act in zip(
-            self.net.neurons, params, ensembles, self.net.activations, strict=True
-        ):
-            z = neuron.forward(h, theta)
-            for c, learner in ens:
-                z = z + c * learner(h)
-            a = get_activation(act).fn(z)
-            records.append(Record(features=h, pre=z, post=a))
-            h = a
-        return records
+        return self.net.forward(params, X, ensembles)
 
     def predict(self, params, ensembles: Sequence[Ensemble], X: np.ndarray) -> np.ndarray:
         """The network output (logits for cross-entropy), shape ``(n, n_outputs)``."""
@@ -257,29 +246,10 @@ class BoostedNetwork:
 
     def backprop(self, params, ensembles: Sequence[Ensemble], X: np.ndarray, Y) -> Tape:
         """Forward and backward through the strong learners (Eq. 6): the error passed down
-        through layer ``i`` is ``(∂F_i/∂x)ᵀ λ_i = Wᵀλ_i + Σ_t c_t (∂h_{i,t}/∂x)ᵀ λ_i``.
-
-        Returns the same :class:`~lnb_ref.network.Tape` as :meth:`Network.backprop`
-        (``grads[i]`` is still ``∂ℓ/∂θ_i``).
-        """
-        params = self.net.check_params(params)
-        records = self.forward(params, ensembles, X)
-        Y = self.net.check_targets(Y, records[-1].post.shape[0])
-        loss, lam = self.net._loss_fn(records[-1].post, Y)
-        m = len(self.net.neurons)
-        grads, pre, post = [None] * m, [None] * m, [None] * m
-        for i in reversed(range(m)):
-            neuron, rec = self.net.neurons[i], records[i]
-            post[i] = lam
-            lam = get_activation(self.net.activations[i]).grad(rec.pre, rec.post) * lam
-            pre[i] = lam
-            grads[i] = neuron.vjp_theta(rec.features, lam)
-            if i > 0:
-                down = neuron.vjp_input(rec.features, params[i], lam)
-                for c, learner in ensembles[i]:
-                    down = down + c * learner.vjp_input(rec.features, lam)
-                lam = down
-        return Tape(loss, records, pre, post, grads)
+        through layer ``i`` is ``(∂F_i/∂x)ᵀ λ_i = Wᵀλ_i + Σ_t c_t (∂h_{i,t}/∂x)ᵀ λ_i``
+        (:meth:`Network.backprop` with the ensembles; ``grads[i]`` is still ``∂ℓ/∂θ_i``)."""
+        self._check_ensembles(ensembles)
+        return self.net.backprop(params, X, Y, ensembles)
 
 
 # --------------------------------------------------------------------------------------------

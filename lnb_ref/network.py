@@ -288,18 +288,24 @@ class Network:
         return Y
 
     # --- forward --------------------------------------------------------------------------------
-    def forward(self, params: Sequence[np.ndarray], X: np.ndarray) -> list[Record]:
+    def forward(self, params: Sequence[np.ndarray], X: np.ndarray, ensembles=None) -> list[Record]:
         """Run the layers on ``X`` and return one :class:`Record` per neuron (the tape).
 
         The network output is ``records[-1].post``. Parameters and input are validated.
+        ``ensembles`` (boosted backprop, :mod:`lnb_ref.boosting`): per layer, a list of
+        ``(c, h)`` weak learners whose ``c·h(X_i)`` are added to ``z_i``.
         """
         params = self.check_params(params)
         h = self.check_input(X)
         records = []
-        for neuron, theta, act in zip(self.neurons, params, self.activations, strict=True):
+        for i, (neuron, theta, act) in enumerate(
+            zip(self.neurons, params, self.activations, strict=True)
+        ):
             if isinstance(neuron, Dense) and h.ndim > 2:
                 h = h.reshape(h.shape[0], -1)  # flatten (n, c, h, w) -> (n, c·h·w)
             z = neuron.forward(h, theta)
+            for c, learner in ensembles[i] if ensembles else ():
+                z = z + c * learner(h)
             a = get_activation(act).fn(z)
             records.append(Record(features=h, pre=z, post=a))
             h = a
@@ -321,7 +327,9 @@ class Network:
         return float(np.mean(np.argmax(out, axis=1) == Y))
 
     # --- forward + backward ---------------------------------------------------------------------
-    def backprop(self, params: Sequence[np.ndarray], X: np.ndarray, Y: np.ndarray) -> Tape:
+    def backprop(
+        self, params: Sequence[np.ndarray], X: np.ndarray, Y: np.ndarray, ensembles=None
+    ) -> Tape:
         """One forward and one backward pass (Eq. 6), keeping every error on the way.
 
         Backprop walks the layers from the output to the input with the error λ (Eq. 6)::
@@ -332,14 +340,15 @@ class Network:
 
         The error on the neuron's output ``z_i`` is the paper's ``λ_i`` (Eq. 7): the regression
         target of neuron ``i``'s weak learner (Eq. 8). Both errors are per-sample rows of the
-        *mean* loss's gradient, so they carry its ``1/n``.
+        *mean* loss's gradient, so they carry its ``1/n``. With ``ensembles`` (see
+        :meth:`forward`) the error passed down also gets ``Σ_t c_t (∂h_{i,t}/∂X_i)ᵀ λ``.
 
         Returns:
             a :class:`Tape` with the loss, the forward records, ``errors_pre[i] = ∂ℓ/∂z_i``,
             ``errors_post[i] = ∂ℓ/∂a_i`` and ``grads[i] = g_i`` (``neurons[i].theta_shape``).
         """
         params = self.check_params(params)
-        records = self.forward(params, X)
+        records = self.forward(params, X, ensembles)
         Y = self.check_targets(Y, records[-1].post.shape[0])
         loss, lam = self._loss_fn(records[-1].post, Y)  # λ = ∂ℓ/∂a_last
         m = len(self.neurons)
@@ -353,8 +362,10 @@ class Network:
             pre[i] = lam
             grads[i] = neuron.vjp_theta(rec.features, lam)  # g_i = Φ(X_i)ᵀ λ
             if i > 0:  # the error on X_i, i.e. on a_{i-1} (un-flattened if needed)
-                lam = neuron.vjp_input(rec.features, params[i], lam)
-                lam = lam.reshape(records[i - 1].post.shape)
+                down = neuron.vjp_input(rec.features, params[i], lam)
+                for c, learner in ensembles[i] if ensembles else ():
+                    down = down + c * learner.vjp_input(rec.features, lam)
+                lam = down.reshape(records[i - 1].post.shape)
         return Tape(loss, records, pre, post, grads)
 
     def loss_grads_features(
