@@ -33,6 +33,10 @@ divided by Adam's. Next to each measured ratio to Adam stands the cost model's p
 flops summed over the neurons (:func:`lnb_fast.strategy.cost`): where they disagree, the step is
 bound by memory traffic or launch overhead rather than flops.
 
+For the MLP it also prints XLA's memory analysis of the step for each state layout (gradient
+EMA and moments broadcast over the weight's rows, ``b1 = 0``, compact moments, auto,
+covariance), compiled only (not with ``--quick``).
+
 ``--time-to-target`` (on by default) also trains the paper's MLP shape (800-800 tanh) with Adam
 and each LNB strategy until the test accuracy reaches ``--target``, and reports epochs and wall
 time (compilation excluded). ``--dataset digits`` (default: the experiments' digits, batch 100,
@@ -191,6 +195,64 @@ def peak_bytes(compiled) -> int | None:
         + analysis.temp_size_in_bytes
         - analysis.alias_size_in_bytes
     )
+
+
+def memory_breakdown(model: Model, batch_size: int) -> list[dict[str, Any]]:
+    """XLA's memory analysis (MiB) of the donated step of Adam and of LNB's state layouts, from
+    the state the paper's algorithm needs (gradient EMA, moments broadcast over the weight's rows)
+    to the compact ones: compiled only, nothing timed."""
+    rng = np.random.default_rng(0)
+    params, batch = model.init(rng), model.data(rng, batch_size)
+    table = lnb_fast.value_and_grad(model.loss).table(params, batch)
+    lr = LEARNING_RATE["lnb"]
+    variants = {
+        "Adam": (optax.adam(LEARNING_RATE["adam"]), False),
+        "LNB matrix-free, b1 = 0.9, broadcast moments": (
+            lnb_fast.lnb(lr, b1=0.9, strategy="matrix-free"),
+            True,
+        ),
+        "LNB matrix-free, b1 = 0, broadcast moments": (
+            lnb_fast.lnb(lr, strategy="matrix-free"),
+            True,
+        ),
+        "LNB matrix-free, compact moments (neurons=)": (
+            lnb_fast.lnb(lr, strategy="matrix-free", neurons=table),
+            True,
+        ),
+        "LNB auto, compact": (lnb_fast.lnb(lr, neurons=table), True),
+        "LNB covariance": (lnb_fast.lnb(lr, strategy="covariance", neurons=table), True),
+    }
+    out = []
+    for name, (opt, features) in variants.items():
+        state = opt.init(params)
+        compiled = make_step(model.loss, opt, features).lower(params, state, batch).compile()
+        analysis = compiled.memory_analysis()
+        if analysis is None:
+            return []
+        mib = 2.0**20
+        out.append(
+            {
+                "step": name,
+                "peak_mib": peak_bytes(compiled) / mib,
+                "arguments_mib": analysis.argument_size_in_bytes / mib,
+                "temporaries_mib": analysis.temp_size_in_bytes / mib,
+            }
+        )
+    return out
+
+
+def memory_table(rows: list[dict[str, Any]]) -> str:
+    adam = rows[0]["peak_mib"]
+    lines = [
+        "| step | peak (MiB) | / Adam | arguments (MiB) | temporaries (MiB) |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['step']} | {r['peak_mib']:.1f} | {r['peak_mib'] / adam:.2f}x | "
+            f"{r['arguments_mib']:.0f} | {r['temporaries_mib']:.0f} |"
+        )
+    return "\n".join(lines)
 
 
 def xla_flops(compiled) -> float | None:
@@ -561,6 +623,9 @@ def main(argv: list[str] | None = None) -> int:
     with tqdm(total=total, desc="rounds", disable=args.quiet, leave=False) as bar:
         chosen = {**MODELS, **QUICK_MODELS} if args.quick else MODELS
         rows = [measure(chosen[name], args, bar) for name in args.models]
+    memory = []
+    if "mlp" in args.models and not args.quick:
+        memory = memory_breakdown(MODELS["mlp"], args.batch or MODELS["mlp"].batch)
     targets = time_to_target(args) if args.time_to_target else []
     elapsed = time.perf_counter() - start
     info = machine()
@@ -572,6 +637,8 @@ def main(argv: list[str] | None = None) -> int:
         "",
         strategy_table(rows),
     ]
+    if memory:
+        text += ["", "Memory of the MLP's step by state layout:", "", memory_table(memory)]
     if targets:
         text += [
             "",
@@ -587,6 +654,7 @@ def main(argv: list[str] | None = None) -> int:
         "warmup": args.warmup,
         "total_s": elapsed,
         "models": rows,
+        "memory_layouts": memory,
         "time_to_target": {"dataset": args.dataset, "target": args.target, "results": targets},
     }
     try:

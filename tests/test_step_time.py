@@ -53,3 +53,22 @@ def test_quick_run_writes_every_strategy(tmp_path):
     ]
     assert "device" in record["machine"]
     assert "| mlp | gram |" in out.with_suffix(".md").read_text()
+
+
+def test_memory_breakdown_orders_the_state_layouts():
+    """The memory table of docs/fast.md: each layout change removes state, so XLA's peak of the
+    donated step falls strictly from the paper's layout (gradient EMA, broadcast moments) to
+    b1 = 0 to compact moments; the covariance step keeps no PCG temporaries."""
+    bench = load()
+    rows = {r["step"]: r for r in bench.memory_breakdown(bench.MODELS["mlp"], 8)}
+    peak = [
+        rows[name]["peak_mib"]
+        for name in (
+            "LNB matrix-free, b1 = 0.9, broadcast moments",
+            "LNB matrix-free, b1 = 0, broadcast moments",
+            "LNB matrix-free, compact moments (neurons=)",
+        )
+    ]
+    assert peak[0] > peak[1] > peak[2] > rows["Adam"]["peak_mib"]
+    lnb = [r for name, r in rows.items() if name.startswith("LNB")]
+    assert min(lnb, key=lambda r: r["temporaries_mib"])["step"] == "LNB covariance"
