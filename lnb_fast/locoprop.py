@@ -232,9 +232,9 @@ def locoprop_s(
     Args:
         learning_rate: η, the step on the outputs that sets the local targets (a number or an
             optax schedule ``count ↦ η``). The converged step is ``−η(M + κI)⁻¹g`` with ``g``
-            the gradient of the *mean* loss, so η is large next to SGD's rates: on the digits
-            MLP (tanh, 128-128, batches of 64, 5 epochs) η = 10 trained best of 0.1 … 100 for
-            both S and M (100 diverged for S, 30 for M); a rough indication, not a tuned value.
+            the gradient of the *mean* loss, so η is large next to SGD's rates: η = 10 was the
+            best of 3, 10, 30 for S and M on the digits MLP and CNN of
+            ``benchmarks/convergence.py --related`` (docs/results.md).
         proximity: κ ≥ 0, the weight of ``½‖θ − θ_k‖²`` (LocoProp's ``1/η_W``), on every entry.
         inner_steps: J ≥ 1, gradient steps on the local loss.
         inner_learning_rate: ρ: ``"auto"`` (``1/(B + κ)``, module docstring) or a number.
