@@ -11,6 +11,7 @@ random gradients, ridges γ, warm starts and 1–4 PCG iterations, and compares
 * **θ̂**, the approximate natural gradient the solve returns,
 * **z** ``= Σ θ̂·ĝ`` (line 12), relative to ``Σ |θ̂| |ĝ|`` (the size of its terms: the sum itself
   may cancel),
+* the **step norm** ``θ̂ᵀ(M + γ)θ̂ = θ̂·(ĝ − r)`` from PCG's residual ``r`` (the default ``z``),
 
 then runs whole Algorithm 2 **steps** on a small MLP and CNN of ``lnb_ref.network`` from the same
 initial parameters and minibatches, and compares the parameters after every step. Whole steps
@@ -42,12 +43,13 @@ from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
 import lnb_fast
+from lnb_fast.pcg import metric_norm as fast_metric_norm
 from lnb_fast.pcg import tree_vdot
 from lnb_ref.lnb import OnlineLNB
 from lnb_ref.metric import metric_matvec, row_metric
 from lnb_ref.network import CNN, MLP, Network
 from lnb_ref.neurons import Conv2d, Dense
-from lnb_ref.solvers import design_moments, paper_preconditioner, pcg
+from lnb_ref.solvers import design_moments, metric_norm, paper_preconditioner, pcg
 
 from .testing import correlated_features, rel_err
 
@@ -59,6 +61,7 @@ TOLERANCES: dict[str, float] = {
     "CG iterates": 1e-10,
     "theta_hat": 1e-10,
     "z": 1e-10,
+    "step norm": 1e-10,
     "step": 1e-9,
 }
 
@@ -293,7 +296,9 @@ def neuron_errors(
     * ``"residual norms"``: ``max_k |‖r_k‖ − ‖r_k‖_ref| / ‖r₀‖_ref`` (a converged residual is
       rounding noise, so it is compared against the initial one);
     * ``"theta_hat"``: θ̂ = θ_k;
-    * ``"z"``: ``|θ̂·ĝ − (θ̂·ĝ)_ref| / Σ|θ̂_ref||ĝ|`` (the sum may cancel; its terms do not).
+    * ``"z"``: ``|θ̂·ĝ − (θ̂·ĝ)_ref| / Σ|θ̂_ref||ĝ|`` (the sum may cancel; its terms do not);
+    * ``"step norm"``: ``θ̂ᵀ(M + γ)θ̂`` from each side's PCG residual (a positive quadratic form,
+      relative to the reference's).
 
     Raises:
         CheckError: if the two sides do not describe the same neuron (see :class:`CheckError`).
@@ -324,10 +329,11 @@ def neuron_errors(
             precondition=P,
             x0=x0 if warm else None,
         )
-        return Mv, mean, second, P(v), result, tree_vdot(result.x, g)
+        norm = fast_metric_norm(result, g)
+        return Mv, mean, second, P(v), result, tree_vdot(result.x, g), norm
 
     leaves = (tuple(G(a).values()) for a in (g, v, x0))
-    Mv, mean, second, Pv, result, z = jax.jit(fast)(case.X_jax, *leaves)
+    Mv, mean, second, Pv, result, z, norm = jax.jit(fast)(case.X_jax, *leaves)
 
     errors = {}
     # Eq. 11: the metric product.
@@ -369,6 +375,8 @@ def neuron_errors(
     errors["theta_hat"] = rel_err(to_ref(result.x), ref.x)
     scale = float(np.vdot(np.abs(ref.x), np.abs(g)))
     errors["z"] = abs(float(z) - float(np.vdot(ref.x, g))) / max(scale, 1e-300)
+    norm_ref = metric_norm(ref, g)
+    errors["step norm"] = abs(float(norm) - norm_ref) / max(abs(norm_ref), 1e-300)
     return errors
 
 
@@ -507,7 +515,7 @@ def step_errors(
 
 
 def mlp_step_errors(
-    data_rng: np.random.Generator, rng: np.random.Generator | None = None
+    data_rng: np.random.Generator, rng: np.random.Generator | None = None, **options
 ) -> StepErrors:
     """12 steps on a 12-16-10-4 ``tanh`` MLP with weight decay ρ = 0.1, ridge γ = 1e-3 and
     z₀ = 1e-4 (ε = 0.05, batches of 64 out of 300 correlated samples from ``data_rng``)."""
@@ -526,11 +534,12 @@ def mlp_step_errors(
         weight_decay=0.1,
         ridge=1e-3,
         z0=1e-4,
+        **options,
     )
 
 
 def cnn_step_errors(
-    data_rng: np.random.Generator, rng: np.random.Generator | None = None
+    data_rng: np.random.Generator, rng: np.random.Generator | None = None, **options
 ) -> StepErrors:
     """10 steps on a CNN (2×8×8 inputs, 3 and 4 channels of 3×3 kernels with strides 1 and 2
     and padding 1, dense head to 3 classes), ε = 0.02, ridge γ = 1e-4, batches of 32 out of
@@ -539,7 +548,7 @@ def cnn_step_errors(
     Y = data_rng.integers(0, 3, size=120)
     net = CNN((2, 8, 8), channels=(3, 4), kernel_size=3, strides=(1, 2), padding=1, n_classes=3)
     return step_errors(
-        net, cnn_loss(net), X, Y, steps=10, batch=32, rng=rng, epsilon=0.02, ridge=1e-4
+        net, cnn_loss(net), X, Y, steps=10, batch=32, rng=rng, epsilon=0.02, ridge=1e-4, **options
     )
 
 
@@ -583,7 +592,7 @@ def run_check(
             while not problem.well_posed():
                 problem = draw_problem(integer, choice)
             errors = neuron_errors(*problem)
-            for key in ("metric product", "CG iterates", "theta_hat", "z"):
+            for key in ("metric product", "CG iterates", "theta_hat", "z", "step norm"):
                 worst[key] = _worse(worst[key], errors[key])
             bar.update()
         for run in (mlp_step_errors, cnn_step_errors):

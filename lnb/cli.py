@@ -193,7 +193,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     from .check import format_report, passed, run_check
 
-    errors = run_check(args.problems, seed=args.seed, progress=not args.quiet)
+    seed = args.seed
+    if seed is None:  # fresh entropy, printed so that a failing draw can be replayed
+        seed = int(np.random.SeedSequence().generate_state(1)[0])
+    print(f"seed {seed} (rerun this draw with: lnb check --problems {args.problems} --seed {seed})")
+    errors = run_check(args.problems, seed=seed, progress=not args.quiet)
     print(format_report(errors))
     ok = passed(errors)
     print("\nall within tolerance" if ok else "\nSOME QUANTITIES ARE OVER TOLERANCE")

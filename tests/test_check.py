@@ -13,7 +13,7 @@ pytest.importorskip("optax")
 import lnb_fast.neuron  # noqa: E402
 from lnb.check import TOLERANCES, format_report, passed, run_check  # noqa: E402
 
-QUANTITIES = ["metric product", "CG iterates", "theta_hat", "z", "step"]
+QUANTITIES = ["metric product", "CG iterates", "theta_hat", "z", "step norm", "step"]
 
 
 def test_tolerances():
@@ -42,7 +42,7 @@ def test_run_check_passes_on_fresh_problems():
 
 def test_report_flags_errors_over_tolerance():
     errors = {"metric product": 3e-16, "CG iterates": 2e-8, "theta_hat": 1e-14, "z": 1e-15}
-    errors["step"] = 1e-12
+    errors["step norm"], errors["step"] = 1e-15, 1e-12
     assert not passed(errors)
     lines = {line.split("|")[1].strip(): line for line in format_report(errors).splitlines()}
     assert "**NO**" in lines["CG iterates"] and "2.00e-08" in lines["CG iterates"]
@@ -87,3 +87,26 @@ def test_the_lnb_check_command_exits_nonzero_over_tolerance(monkeypatch, capsys)
     assert main(["check", "--problems", "1", "--quiet"]) == 1
     out = capsys.readouterr().out
     assert "SOME QUANTITIES ARE OVER TOLERANCE" in out and "**NO**" in out
+
+
+def test_cli_prints_the_seed_it_drew(monkeypatch, capsys):
+    """Without --seed, ``lnb check`` draws fresh entropy and prints it with the command that
+    replays the draw; the seed printed is the one the check ran with."""
+    import lnb.check
+    from lnb.cli import main
+
+    seen = []
+
+    def fake_run_check(n_problems, seed=None, progress=True):
+        seen.append(seed)
+        return dict.fromkeys(TOLERANCES, 0.0)
+
+    monkeypatch.setattr(lnb.check, "run_check", fake_run_check)
+    for _ in range(2):
+        assert main(["check", "--problems", "2", "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    seeds = [int(s) for s in __import__("re").findall(r"--seed (\d+)\)", printed)]
+    assert seeds == seen and None not in seen
+    assert seen[0] != seen[1]  # fresh entropy each time
+    assert main(["check", "--problems", "2", "--quiet", "--seed", "7"]) == 0
+    assert seen[-1] == 7

@@ -59,8 +59,9 @@ def check_neuron(case, seed: int, ridge: float, iterations: int, warm: bool):
     # A residual that has converged is rounding noise: compared against the initial residual.
     assert errors["residual norms"] <= RTOL, errors
     assert errors["theta_hat"] < RTOL, errors
-    # |z − z_ref| relative to Σ|θ̂||g|.
+    # |z − z_ref| relative to Σ|θ̂||g|; the measured norm θ̂ᵀ(M + γ)θ̂ from each PCG's residual.
     assert errors["z"] <= RTOL, errors
+    assert errors["step norm"] <= RTOL, errors
 
 
 @given(problems())
@@ -78,17 +79,25 @@ def test_conv_cases_cover_the_options():
 
 
 # --- whole steps on the reference's networks ------------------------------------------------------
-def test_whole_steps_match_reference_on_mlp():
+STEP_RULES = [
+    {},  # the defaults: measured step norm, descent restart, relative ridge
+    {"step_norm": "paper", "min_descent": 0.0, "relative_ridge": False},  # Algorithm 2 as printed
+]
+
+
+@pytest.mark.parametrize("rule", STEP_RULES, ids=["defaults", "paper"])
+def test_whole_steps_match_reference_on_mlp(rule):
     """12 steps with weight decay, ridge and z0: the loss before and the parameters after every
-    step."""
-    errors = mlp_step_errors(np.random.default_rng(5), np.random.default_rng(0))
+    step, under both step-norm rules."""
+    errors = mlp_step_errors(np.random.default_rng(5), np.random.default_rng(0), **rule)
     assert errors.loss <= STEP_RTOL, errors
     assert errors.params < STEP_RTOL, errors
     assert errors.params > 0  # the parameters did move apart from rounding, and stayed within 1e-9
 
 
-def test_whole_steps_match_reference_on_cnn():
+@pytest.mark.parametrize("rule", STEP_RULES, ids=["defaults", "paper"])
+def test_whole_steps_match_reference_on_cnn(rule):
     """10 steps with strides and padding."""
-    errors = cnn_step_errors(np.random.default_rng(6), np.random.default_rng(0))
+    errors = cnn_step_errors(np.random.default_rng(6), np.random.default_rng(0), **rule)
     assert errors.loss <= STEP_RTOL, errors
     assert errors.params < STEP_RTOL, errors
