@@ -23,10 +23,13 @@ squared length exactly ε in the metric the solve used (the stale EMA metric for
 from 0 (a ``lax.cond``: paid only on such steps), whose Galerkin iterates have
 ``θ̂ · ĝ = θ̂ᵀ(M + γ)θ̂ > 0``.
 
-**Ridge.** ``relative_ridge=True`` (default) adds ``γ·Var(x_j)`` per input feature (from the EMA
-moments; for ``"covariance"`` from its own metric), which keeps the invariance to per-feature
-affine maps of the inputs exactly; ``False`` adds the paper's absolute ``γ``
-(:func:`lnb_ref.metric.relative_ridge` has the derivation).
+**Ridge.** By default the paper's absolute ``γ`` on every non-bias entry: it freezes features
+whose variance is far below γ (dead ReLU channels, rare pixels), at the price of the invariance to
+per-feature *scales* (maps with ``|a_j| = 1``, such as ``x ↦ 1 − x``, keep it).
+``relative_ridge=True`` adds ``γ·Var(x_j)`` per input feature instead (from the EMA moments; for
+``"covariance"`` from its own metric), which keeps the invariance to every per-feature affine map
+exactly (:func:`lnb_ref.metric.relative_ridge` derives it) and gives up that protection;
+``docs/design-choices.md`` has the measurements behind the default.
 
 How ``θ̂_i`` is computed is the neuron's *strategy* (:mod:`lnb_fast.strategy`): PCG with
 matrix-free products (the paper's), the same PCG with products on the design Gram ``C_i``
@@ -105,7 +108,7 @@ def lnb(
     refresh_every: int = 10,
     covariance_every: int = 1,
     neurons: NeuronTable | None = None,
-    relative_ridge: bool = True,
+    relative_ridge: bool = False,
     step_norm: str = "metric",
     min_descent: float = 0.5,
 ) -> optax.GradientTransformationExtraArgs:
@@ -124,7 +127,7 @@ def lnb(
             number or an optax schedule ``count ↦ ε``.
         weight_decay: ``ρ``; parameters shrink by ``1 − √ε·ρ`` per step, biases included.
         ridge: ``γ``, added to the non-bias diagonal of every ``M_i`` and to ``P_i`` (§3.4):
-            ``γ·Var(x_j)`` per input feature with ``relative_ridge`` (the default), else ``γ``.
+            ``γ`` (default), or ``γ·Var(x_j)`` per input feature with ``relative_ridge``.
             Default 1e-3 (``lnb_ref`` uses 0): with γ = 0 a neuron whose inputs do not span its
             weights (a convolution with few output pixels) has a singular metric.
         z0: lower bound of the norm ``z`` (Alg. 2, line 13).
@@ -153,8 +156,9 @@ def lnb(
         neurons: the :class:`~lnb_fast.NeuronTable` of the loss
             (``lnb_fast.value_and_grad(loss).table(params, batch)``), so that ``init`` can
             allocate the per-neuron ``(G, D, D)`` matrices of the covariance strategy.
-        relative_ridge: ``γ`` relative to each input feature's variance (default: keeps the
-            invariance to per-feature affine maps of the inputs; module docstring) or absolute.
+        relative_ridge: ``γ`` relative to each input feature's variance (keeps the invariance to
+            per-feature affine maps exactly, but no longer damps nearly constant features) or,
+            by default, absolute (module docstring).
         step_norm: ``"metric"`` (default): ``z = Σ θ̂ᵀ(M + γ)θ̂``, the step's measured squared
             length, so every step is ε long; ``"paper"``: ``z = Σ θ̂ · ĝ`` (Alg. 2, line 13),
             equal only when PCG has converged.

@@ -160,7 +160,7 @@ class CovarianceLNB:
         b2: float = 0.99,
         refresh_every: int = 1,
         covariance_every: int = 1,
-        relative_ridge: bool = True,
+        relative_ridge: bool = False,
         step_norm: str = "metric",
     ):
         if not 0.0 <= b1 < 1.0:

@@ -183,7 +183,7 @@ class ExactLNB:
         weight_decay: float = 0.0,
         ridge: float = 0.0,
         z0: float = 0.0,
-        relative_ridge: bool = True,
+        relative_ridge: bool = False,
         step_norm: str = "metric",
     ):
         check_options(step_norm, 0.0)
@@ -286,7 +286,7 @@ class OnlineLNB:
         cg_iterations: int = 2,
         precondition: bool = True,
         warm_start: bool = True,
-        relative_ridge: bool = True,
+        relative_ridge: bool = False,
         step_norm: str = "metric",
         min_descent: float = 0.5,
     ):

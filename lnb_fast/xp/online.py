@@ -131,7 +131,7 @@ class OnlineLNB:
         precondition: bool = True,
         warm_start: bool = True,
         check_finite: bool = True,
-        relative_ridge: bool = True,
+        relative_ridge: bool = False,
         step_norm: str = "metric",
         min_descent: float = 0.5,
     ):
