@@ -24,7 +24,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import pytest
 
 import lnb_fast
 from lnb_ref.lnb import OnlineLNB
