@@ -35,7 +35,7 @@ from hypothesis import strategies as st
 import lnb_ref
 from lnb.testing import correlated_features
 from lnb_fast import xp as lnbxp
-from lnb_fast.errors import StructureError
+from lnb_fast.errors import NonFiniteError, StructureError
 from lnb_ref import metric as ref_metric
 from lnb_ref import solvers as ref_solvers
 
@@ -290,11 +290,11 @@ def test_errors_name_the_neuron_and_argument():
         lnbxp.OnlineLNB([lnb_ref.Dense("x", 3, 2)], 1e-2)
     opt = lnbxp.OnlineLNB([d], 1e-2)
     state = opt.init([np.zeros((2, 4))])
-    with pytest.raises(ValueError, match="got 2 grads for 1 neurons"):
+    with pytest.raises(StructureError, match="got 2 grads for 1 neurons"):
         opt.step([np.zeros((2, 4))], [np.zeros((2, 4))] * 2, [np.zeros((5, 3))], state)
     bad = np.zeros((2, 4))
     bad[0, 0] = np.nan
-    with pytest.raises(ValueError, match="'d': the gradient contain NaN"):
+    with pytest.raises(NonFiniteError, match="'d': the gradient contain NaN"):
         opt.step([np.zeros((2, 4))], [bad], [np.zeros((5, 3))], state)
 
 

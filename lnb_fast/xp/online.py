@@ -32,6 +32,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from ..errors import NonFiniteError, StructureError
 from . import _compat
 from ._compat import Array
 from .metric import design_product, moments_of_design
@@ -110,8 +111,9 @@ class OnlineLNB:
         cg_iterations: PCG iterations per step (the paper uses 2).
         precondition: use the §3.5 preconditioners (False: plain CG).
         warm_start: start PCG from the previous θ̂ (False: from 0).
-        check_finite: raise a ValueError naming the neuron if a gradient or a feature array is
-            not finite (costs one host synchronisation per step; False skips it).
+        check_finite: raise :class:`~lnb_fast.errors.NonFiniteError` (a ValueError) naming the
+            neuron if a gradient or a feature array is not finite (costs one host
+            synchronisation per step; False skips it).
         relative_ridge: ``γ·Var(x_j)`` per weight column instead of an absolute ``γ``.
         step_norm: ``"metric"`` (``z = Σ θ̂ᵀ(M + γ)θ̂``, default) or ``"paper"`` (``Σ θ̂·g``).
         min_descent: warm-started directions with ``θ̂·g ≤ min_descent · θ̂ᵀ(M + γ)θ̂`` are
@@ -178,7 +180,7 @@ class OnlineLNB:
     def _check_lengths(self, **seqs) -> None:
         for what, seq in seqs.items():
             if len(seq) != len(self.neurons):
-                raise ValueError(
+                raise StructureError(
                     f"got {len(seq)} {what} for {len(self.neurons)} neurons "
                     f"({', '.join(n.name for n in self.neurons)})"
                 )
@@ -197,7 +199,7 @@ class OnlineLNB:
         for n, g, X in zip(self.neurons, grads, features, strict=True):
             for what, a in (("gradient", g), ("input features", X)):
                 if not bool(xp.all(xp.isfinite(a))):
-                    raise ValueError(f"neuron {n.name!r}: the {what} contain NaN or Inf")
+                    raise NonFiniteError(f"neuron {n.name!r}: the {what} contain NaN or Inf")
 
     def step(self, params, grads, features, state):
         """One iteration of Algorithm 2 (lines 3–14). Returns ``(params, state, StepInfo)``;
