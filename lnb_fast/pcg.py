@@ -34,11 +34,20 @@ def _next_direction(ok, beta, y, p):
 
 class PCGResult(NamedTuple):
     """``x``: the last iterate; ``iterates``: ``[x_1, ..., x_k]``; ``residual_norms``:
-    ``[‖r_0‖, ..., ‖r_k‖]`` with ``r = b − A x`` (as :class:`lnb_ref.solvers.PCGResult`)."""
+    ``[‖r_0‖, ..., ‖r_k‖]`` with ``r = b − A x`` (as :class:`lnb_ref.solvers.PCGResult`);
+    ``residual``: the last ``r_k`` itself, so that ``xᵀAx = x · (b − r_k)`` needs no further
+    product (:func:`metric_norm`)."""
 
     x: PyTree
     iterates: list
     residual_norms: list
+    residual: PyTree = None
+
+
+def metric_norm(result: PCGResult, b: PyTree):
+    """``xᵀ A x`` of the last iterate as ``x · (b − r)``: the squared length of the direction in
+    the metric the solve used, from PCG's own residual (as :func:`lnb_ref.solvers.metric_norm`)."""
+    return tree_vdot(result.x, jax.tree.map(jnp.subtract, b, result.residual))
 
 
 def pcg(
@@ -57,11 +66,15 @@ def pcg(
         yₖ₊₁ = P rₖ₊₁;   βₖ = rₖ₊₁·yₖ₊₁ / rₖ·yₖ;   pₖ₊₁ = yₖ₊₁ + βₖ pₖ
 
     If ``rₖ·yₖ = 0`` or ``pₖ·A pₖ = 0`` (the residual vanished) the iterate is kept, as in the
-    reference. Returns every iterate so tests can compare them one by one.
+    reference. Returns every iterate so tests can compare them one by one. Without ``x0`` the
+    start is 0 and ``r₀ = b`` (no product).
     """
     P = precondition if precondition is not None else (lambda v: v)
-    x = jax.tree.map(jnp.zeros_like, b) if x0 is None else x0
-    r = jax.tree.map(jnp.subtract, b, matvec(x))
+    if x0 is None:
+        x, r = jax.tree.map(jnp.zeros_like, b), b
+    else:
+        x = x0
+        r = jax.tree.map(jnp.subtract, b, matvec(x))
     y = P(r)
     p = y
     ry = tree_vdot(r, y)
@@ -80,4 +93,4 @@ def pcg(
         ry = jnp.where(ok, ry_next, ry)
         iterates.append(x)
         norms.append(jnp.sqrt(tree_vdot(r, r)))
-    return PCGResult(x, iterates, norms)
+    return PCGResult(x, iterates, norms, r)

@@ -9,8 +9,24 @@ Per step, with ``ĝ`` the bias-corrected EMA of the gradients and, for each neur
 
 then, over the whole network (lines 12–14)::
 
-    z = max(z0, Σ_i θ̂_i · ĝ_i)
+    z = max(z0, Σ_i θ̂_iᵀ (M_i + γ) θ̂_i)
     updates = −√ε·ρ·θ − √(ε/z)·θ̂          so that  θ + updates = (1 − √ε·ρ) θ − √(ε/z) θ̂
+
+**Step norm.** The paper's line 13 is ``z = Σ θ̂·ĝ``, which is the step's squared length in
+function space only when θ̂ solves ``(M + γ)θ̂ = ĝ``; a warm-started 2-iteration PCG does not,
+and steps up to 2.7e4·ε long were measured. The default ``step_norm="metric"`` measures it:
+``θ̂ᵀ(M + γ)θ̂ = θ̂ · (ĝ − r)`` with PCG's residual ``r`` (no extra product), so every step has
+squared length exactly ε in the metric the solve used (the stale EMA metric for
+``"covariance"``, whose exact solve makes it ``θ̂ · ĝ``). ``step_norm="paper"`` keeps line 13.
+
+**Descent.** A warm-started θ̂ with ``θ̂ · ĝ ≤ min_descent · θ̂ᵀ(M + γ)θ̂`` is replaced by PCG
+from 0 (a ``lax.cond``: paid only on such steps), whose Galerkin iterates have
+``θ̂ · ĝ = θ̂ᵀ(M + γ)θ̂ > 0``.
+
+**Ridge.** ``relative_ridge=True`` (default) adds ``γ·Var(x_j)`` per input feature (from the EMA
+moments; for ``"covariance"`` from its own metric), which keeps the invariance to per-feature
+affine maps of the inputs exactly; ``False`` adds the paper's absolute ``γ``
+(:func:`lnb_ref.metric.relative_ridge` has the derivation).
 
 How ``θ̂_i`` is computed is the neuron's *strategy* (:mod:`lnb_fast.strategy`): PCG with
 matrix-free products (the paper's), the same PCG with products on the design Gram ``C_i``
@@ -34,10 +50,14 @@ import optax
 
 from .capture import Features
 from .covariance import covariance_direction, gram, gram_layout, gram_matvec
+from .covariance import relative_ridge as relative_ridge_of
 from .discovery import NeuronTable
 from .errors import NonFiniteError, StructureError
-from .pcg import pcg, tree_vdot
+from .pcg import metric_norm, pcg, tree_vdot
 from .strategy import check_strategy, plan
+
+STEP_NORMS = ("metric", "paper")
+"""``step_norm`` options, as :data:`lnb_ref.lnb.STEP_NORMS`."""
 
 
 class LNBState(NamedTuple):
@@ -55,6 +75,8 @@ class LNBState(NamedTuple):
         covariance: one entry per neuron of ``neurons=``: ``None``, or for a neuron with the
             ``"covariance"`` strategy ``(A, A_inv)``, the EMA of its augmented second moment
             (Eq. 12) and the damped inverse last refreshed, each ``(G, D, D)``.
+        restarts: how many times, over all steps and neurons, a warm-started PCG direction
+            failed the descent test and was recomputed from 0 (``min_descent``).
     """
 
     count: jax.Array
@@ -64,6 +86,7 @@ class LNBState(NamedTuple):
     direction: Any
     skipped: jax.Array
     covariance: tuple = ()
+    restarts: jax.Array = None
 
 
 def lnb(
@@ -82,6 +105,9 @@ def lnb(
     refresh_every: int = 10,
     covariance_every: int = 1,
     neurons: NeuronTable | None = None,
+    relative_ridge: bool = True,
+    step_norm: str = "metric",
+    min_descent: float = 0.5,
 ) -> optax.GradientTransformationExtraArgs:
     """Online Linear Neuron Boosting (Algorithm 2) as an optax transformation.
 
@@ -97,10 +123,10 @@ def lnb(
         learning_rate: ``ε``, the squared length of the step *in function space* (Eq. 1–2): a
             number or an optax schedule ``count ↦ ε``.
         weight_decay: ``ρ``; parameters shrink by ``1 − √ε·ρ`` per step, biases included.
-        ridge: ``γ``, added to the non-bias diagonal of every ``M_i`` and to ``P_i`` (§3.4).
+        ridge: ``γ``, added to the non-bias diagonal of every ``M_i`` and to ``P_i`` (§3.4):
+            ``γ·Var(x_j)`` per input feature with ``relative_ridge`` (the default), else ``γ``.
             Default 1e-3 (``lnb_ref`` uses 0): with γ = 0 a neuron whose inputs do not span its
-            weights (a nearly dead ReLU channel, a convolution with few output pixels) has a
-            (nearly) singular metric, and PCG's step along it blew up in our runs.
+            weights (a convolution with few output pixels) has a singular metric.
         z0: lower bound of the norm ``z`` (Alg. 2, line 13).
         b1: EMA rate of the gradient; default 0, i.e. no EMA (``lnb_ref`` uses 0.9): every
             sweep we ran (matrix factorization, digits MLP and CNN) converged faster with 0.
@@ -127,6 +153,14 @@ def lnb(
         neurons: the :class:`~lnb_fast.NeuronTable` of the loss
             (``lnb_fast.value_and_grad(loss).table(params, batch)``), so that ``init`` can
             allocate the per-neuron ``(G, D, D)`` matrices of the covariance strategy.
+        relative_ridge: ``γ`` relative to each input feature's variance (default: keeps the
+            invariance to per-feature affine maps of the inputs; module docstring) or absolute.
+        step_norm: ``"metric"`` (default): ``z = Σ θ̂ᵀ(M + γ)θ̂``, the step's measured squared
+            length, so every step is ε long; ``"paper"``: ``z = Σ θ̂ · ĝ`` (Alg. 2, line 13),
+            equal only when PCG has converged.
+        min_descent: a warm-started θ̂ with ``θ̂ · ĝ ≤ min_descent · θ̂ᵀ(M + γ)θ̂`` is recomputed
+            by PCG from 0 (which descends: ``θ̂ · ĝ = θ̂ᵀ(M + γ)θ̂``); 0 restarts only directions
+            that point uphill. ``LNBState.restarts`` counts them.
     """
     if not (0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0):
         raise ValueError(f"EMA rates must lie in [0, 1); got b1={b1}, b2={b2}")
@@ -137,6 +171,10 @@ def lnb(
     for name, value in (("weight_decay", weight_decay), ("ridge", ridge), ("z0", z0)):
         if value < 0:
             raise ValueError(f"{name} must be >= 0, got {value}")
+    if step_norm not in STEP_NORMS:
+        raise ValueError(f"step_norm must be one of {STEP_NORMS}, got {step_norm!r}")
+    if not 0.0 <= min_descent <= 1.0:
+        raise ValueError(f"min_descent must lie in [0, 1], got {min_descent!r}")
     if int(refresh_every) != refresh_every or refresh_every < 1:
         raise ValueError(f"refresh_every must be an integer >= 1, got {refresh_every}")
     check_strategy(strategy)
@@ -202,6 +240,7 @@ def lnb(
             direction=zeros(),
             skipped=jnp.zeros([], jnp.int32),
             covariance=covariance,
+            restarts=jnp.zeros([], jnp.int32),
         )
 
     def update(grads, state: LNBState, params=None, *, features: Features | None = None, **_):
@@ -257,13 +296,18 @@ def lnb(
         directions = list(g_hat)  # identity metric unless a neuron says otherwise
         mu_new, chi_new = list(mu_leaves), list(chi_leaves)
         covariance = list(state.covariance)
+        # Per neuron: θ̂·ĝ and θ̂ᵀ(M + γ)θ̂ (identity-metric leaves: ĝ·ĝ both, added below).
+        dots, norms, restarts = [], [], jnp.zeros([], jnp.int32)
+        in_neuron = set()
         for j, (neuron, X) in enumerate(zip(table.neurons, features.values, strict=True)):
             choice = step_choices[j]
+            g_j = neuron.params_of(g_hat)
+            in_neuron.update(i for i in (neuron.weight, neuron.bias) if i is not None)
             if choice.name == "covariance":
-                # §3.5's second option: exact solve against the stale EMA metric.
-                layout = choice.layout
+                # §3.5's second option: exact solve against the stale EMA metric, so the step's
+                # norm in that metric is θ̂ · ĝ (to rounding).
                 covariance[j], d = covariance_direction(
-                    layout,
+                    choice.layout,
                     neuron,
                     X,
                     state.covariance[j],
@@ -272,9 +316,12 @@ def lnb(
                     ridge,
                     refresh_every,
                     covariance_every,
-                    neuron.params_of(g_hat),
+                    g_j,
+                    relative_ridge,
                 )
                 neuron.put_params(directions, d)
+                dots.append(tree_vdot(d, g_j))
+                norms.append(dots[-1])
                 continue
             mean, second = neuron.moments(X)
             i = neuron.weight
@@ -286,23 +333,40 @@ def lnb(
             mu_hat, chi_hat = mu_new[i] / c2, chi_new[i] / c2
             if layout is not None:  # broadcast over the rows again, for this step only
                 mu_hat, chi_hat = (_broadcast_rows(layout, m) for m in (mu_hat, chi_hat))
-            P = neuron.preconditioner(mu_hat, chi_hat, ridge) if precondition else None
+            gamma = ridge
+            if relative_ridge:  # per weight entry: γ·Var of its input feature
+                gamma = relative_ridge_of(mu_hat, chi_hat, ridge, neuron.bias is not None)
+            P = neuron.preconditioner(mu_hat, chi_hat, gamma) if precondition else None
             x0 = neuron.params_of(d_leaves) if warm_start else None
             if choice.name == "gram":  # the same PCG, products on the minibatch's Gram
                 C, mu_g = gram(choice.layout, X, neuron.n_samples)
-                matvec = lambda v, ly=choice.layout, C=C, mu=mu_g: gram_matvec(ly, C, mu, v, ridge)  # noqa: E731
+                gamma_rows = gamma if jnp.ndim(gamma) == 0 else choice.layout.to_rows(gamma)
+                matvec = lambda v, ly=choice.layout, C=C, mu=mu_g, r=gamma_rows: gram_matvec(  # noqa: E731
+                    ly, C, mu, v, r
+                )
             else:
-                matvec = lambda v, neuron=neuron, X=X: neuron.metric_matvec(X, v, ridge)  # noqa: E731
-            result = pcg(
-                matvec,
-                neuron.params_of(g_hat),
-                cg_iterations,
-                precondition=P,
-                x0=x0,
+                matvec = lambda v, neuron=neuron, X=X, r=gamma: neuron.metric_matvec(X, v, r)  # noqa: E731
+            solve = lambda start, matvec=matvec, g=g_j, P=P: pcg(  # noqa: E731
+                matvec, g, cg_iterations, precondition=P, x0=start
             )
-            neuron.put_params(directions, result.x)
+            result = solve(x0)
+            x, dot, norm = result.x, tree_vdot(result.x, g_j), metric_norm(result, g_j)
+            if warm_start:  # descent: PCG from 0 when the warm start's θ̂ barely descends
+                again = ~(dot > min_descent * norm)
 
-        raw_z = tree_vdot(directions, g_hat)
+                def cold(solve=solve, g=g_j):
+                    r = solve(None)
+                    return r.x, tree_vdot(r.x, g), metric_norm(r, g)
+
+                x, dot, norm = jax.lax.cond(again, cold, lambda x=x, d=dot, n=norm: (x, d, n))
+                restarts = restarts + again.astype(jnp.int32)
+            neuron.put_params(directions, x)
+            dots.append(dot)
+            norms.append(norm)
+
+        identity = [i for i in range(len(directions)) if i not in in_neuron]
+        rest = sum((jnp.vdot(g_hat[i], g_hat[i]) for i in identity), jnp.zeros([], dtype))
+        raw_z = sum(norms if step_norm == "metric" else dots, rest)
         z = jnp.maximum(z0, raw_z)
         eps = jnp.asarray(schedule(state.count), dtype)
         scale = jnp.where(z > 0, jnp.sqrt(eps / jnp.where(z > 0, z, 1)), 0)
@@ -323,6 +387,7 @@ def lnb(
             direction=unflat(directions),
             skipped=state.skipped,
             covariance=tuple(covariance),
+            restarts=state.restarts + restarts,
         )
         updates = unflat(updates)
         if nonfinite == "skip":

@@ -28,8 +28,8 @@ from collections.abc import Sequence
 import numpy as np
 import scipy.linalg
 
-from .lnb import StepInfo, boosting_update, check_step_inputs
-from .metric import ridge_diagonal, row_metric, step_norm
+from .lnb import StepInfo, boosting_update, check_options, check_step_inputs
+from .metric import relative_ridge, ridge_diagonal, row_metric, step_norm
 from .neurons import LinearNeuron
 from .schedules import Schedule, as_schedule
 from .solvers import cholesky_or_raise
@@ -46,6 +46,7 @@ class _EMAInverse:
         b2: float,
         refresh_every: int,
         covariance_every: int = 1,
+        relative: bool = False,
     ):
         if not 0.0 <= b2 < 1.0:
             raise ValueError(f"b2 must lie in [0, 1), got {b2}")
@@ -60,6 +61,17 @@ class _EMAInverse:
         self.neurons = list(neurons)
         self.damping, self.b2, self.refresh_every = damping, b2, int(refresh_every)
         self.covariance_every = int(covariance_every)
+        self.relative = relative
+
+    def damping_of(self, neuron: LinearNeuron, A: np.ndarray):
+        """The ridge added at a refresh: ``λ``, or with ``relative`` ``λ·Var(x_j)`` read off the
+        (bias-corrected) EMA metric ``A`` itself, ``(G, D, D)`` (:func:`relative_ridge`)."""
+        if not self.relative:
+            return self.damping
+        d = neuron.row_dim - int(neuron.bias)
+        chi = np.diagonal(A, axis1=1, axis2=2)[:, :d]
+        mu = A[:, :d, d] if neuron.bias else np.zeros_like(chi)
+        return relative_ridge(mu, chi, self.damping, neuron.bias)
 
     def init(self) -> tuple[list, list]:
         shapes = [
@@ -85,7 +97,7 @@ class _EMAInverse:
                 A_i = self.b2 * A[i] + (1 - self.b2) * row_metric(neuron, features[i])
             factors_i = factors[i]
             if refresh:  # the damping on non-bias diagonal entries, as row_metric's γ (§3.4)
-                diag = ridge_diagonal(neuron, self.damping).reshape(
+                diag = ridge_diagonal(neuron, self.damping_of(neuron, A_i / c2)).reshape(
                     neuron.groups, -1, neuron.row_dim
                 )
                 damped = A_i / c2 + diag[:, 0, :, None] * np.eye(neuron.row_dim)
@@ -99,6 +111,26 @@ class _EMAInverse:
             new_factors.append(factors_i)
         return out, new_A, new_factors
 
+    def norms(self, directions, grads, factors) -> list[float]:
+        """``θ̂_iᵀ F_i θ̂_i`` in the (stale) damped metric ``F_i = L Lᵀ`` each θ̂ was solved against,
+        as ``‖Lᵀθ̂‖²`` per row; ``θ̂·g`` for identity neurons. Equal to ``θ̂ · g`` to rounding: the
+        solve is exact against its own metric."""
+        out = []
+        for neuron, d, g, factors_i in zip(self.neurons, directions, grads, factors, strict=True):
+            if neuron.identity_metric:
+                out.append(step_norm(d, g))
+                continue
+            rows = neuron.grouped(d)
+            out.append(
+                float(
+                    sum(
+                        np.sum((r @ np.tril(f[0])) ** 2)
+                        for r, f in zip(rows, factors_i, strict=True)
+                    )
+                )
+            )
+        return out
+
 
 class CovarianceLNB:
     """LNB with the covariance option of §3.5: Algorithm 2's bookkeeping (gradient EMA β₁, both
@@ -111,6 +143,10 @@ class CovarianceLNB:
         refresh_every: steps between refactorizations (1: every step).
         covariance_every: steps between updates of the EMA ``A`` (1: every step; the bias
             correction ``c₂ = 1 − β₂ᵘ`` counts the ``u`` updates made).
+        relative_ridge: ``γ·Var(x_j)`` from ``A``'s own diagonal at each refresh, instead of
+            an absolute ``γ`` (:func:`~lnb_ref.metric.relative_ridge`).
+        step_norm: ``"metric"`` (``z = Σ θ̂ᵀ(A/c₂ + γ)θ̂`` in the refreshed metric θ̂ was solved
+            against) or ``"paper"`` (``Σ θ̂ · ĝ``); equal to rounding, as the solve is exact.
     """
 
     def __init__(
@@ -124,13 +160,19 @@ class CovarianceLNB:
         b2: float = 0.99,
         refresh_every: int = 1,
         covariance_every: int = 1,
+        relative_ridge: bool = True,
+        step_norm: str = "metric",
     ):
         if not 0.0 <= b1 < 1.0:
             raise ValueError(f"b1 must lie in [0, 1), got {b1}")
-        self.inverse = _EMAInverse(neurons, ridge, b2, refresh_every, covariance_every)
+        check_options(step_norm, 0.0)
+        self.inverse = _EMAInverse(
+            neurons, ridge, b2, refresh_every, covariance_every, relative=relative_ridge
+        )
         self.neurons = self.inverse.neurons
         self.epsilon = as_schedule(epsilon)
         self.weight_decay, self.ridge, self.z0, self.b1 = weight_decay, ridge, z0, b1
+        self.step_norm = step_norm
 
     def init(self, params: Sequence[np.ndarray]) -> dict:
         A, factors = self.inverse.init()
@@ -151,9 +193,20 @@ class CovarianceLNB:
         directions, A, factors = self.inverse.directions(
             t, g_hat, features, state["A"], state["factors"]
         )
-        new, z, raw_z = boosting_update(params, directions, g_hat, eps, self.weight_decay, self.z0)
+        dots = [step_norm(d, g) for d, g in zip(directions, g_hat, strict=True)]
+        norms = self.inverse.norms(directions, g_hat, factors)
+        new, z, raw_z = boosting_update(
+            params,
+            directions,
+            g_hat,
+            eps,
+            self.weight_decay,
+            self.z0,
+            norms if self.step_norm == "metric" else dots,
+        )
         state = {"t": t, "g": g_ema, "A": A, "factors": factors}
-        return new, state, StepInfo(eps, z, raw_z, directions)
+        info = StepInfo(eps, z, raw_z, directions, [], dots, norms, [False] * len(norms))
+        return new, state, info
 
 
 class FOOF:

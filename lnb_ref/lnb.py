@@ -12,8 +12,22 @@ produced the gradients (Algorithm 1, line 3). ``info`` reports ``z``, ``ε`` and
 Both algorithms end with the same update (Alg. 1 lines 8–10, Alg. 2 lines 12–14)::
 
     θ ← (1 − √ε · ρ) θ                  weight decay, biases included (§3.2)
-    z = max(z0, Σ_i θ̂_i · g_i)          ONE scalar over the whole network (Eq. 2)
+    z = max(z0, Σ_i θ̂_iᵀ (M_i + γ) θ̂_i)  ONE scalar over the whole network (Eq. 1–2)
     θ ← θ − √(ε / z) θ̂                  the step has squared length ε in function space
+
+**The step norm.** The paper writes ``z = Σ_i θ̂_i · g_i`` (Eq. 2, Alg. 2 line 13), which is the
+squared function-space length ``Σ θ̂ᵀ M θ̂`` only when θ̂ solves ``M θ̂ = g``. Algorithm 2's
+warm-started 2-iteration PCG does not: its θ̂ can have ``θ̂ · g`` a thousandth of ``θ̂ᵀMθ̂`` (or
+negative), and the step was then measured up to 2.7e4·ε long, with loss spikes. So by default
+(``step_norm="metric"``) ``z`` is the direction's *measured* squared length in the metric the
+solve used, ``θ̂ᵀ(M + γ)θ̂ = θ̂ · (g − r)`` from PCG's own residual ``r`` (no extra product), and
+every step is exactly ``ε`` long; ``step_norm="paper"`` keeps the printed rule. For an exact
+solve (Algorithm 1) the two agree to rounding.
+
+**Descent.** With a warm start, PCG's θ̂ may point uphill (``θ̂ · g ≤ 0``). When ``θ̂ · g ≤
+min_descent · θ̂ᵀ(M + γ)θ̂`` PCG is run again from 0, whose iterates satisfy the Galerkin condition
+``θ̂ · r = 0``, i.e. ``θ̂ · g = θ̂ᵀ(M + γ)θ̂ > 0``: the restarted direction descends, and both norms
+agree.
 
 Weight decay: Algorithm 1 as printed writes ``1 − √(ερ)`` while Eq. 4 and Algorithm 2 give
 ``1 − √ε·ρ`` (the function-space step is ``√ε``); we use ``1 − √ε·ρ`` in both.
@@ -27,10 +41,29 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import NeuronShapeError, check_finite, check_shape
-from .metric import metric_matvec, row_metric, step_norm
+from .metric import metric_matvec, relative_ridge, row_metric, row_metric_matvec, step_norm
 from .neurons import LinearNeuron
 from .schedules import Schedule, as_schedule
-from .solvers import PCGResult, design_moments, paper_preconditioner, pcg, solve_exact
+from .solvers import (
+    PCGResult,
+    design_moments,
+    metric_norm,
+    paper_preconditioner,
+    pcg,
+    solve_exact,
+)
+
+STEP_NORMS = ("metric", "paper")
+"""``step_norm`` options: ``"metric"`` (``z = Σ θ̂ᵀ(M + γ)θ̂``, measured; the default) and
+``"paper"`` (``z = Σ θ̂ · g``, Alg. 2 line 13 as printed)."""
+
+
+def check_options(step_norm: str, min_descent: float) -> None:
+    """The clear ``ValueError`` for a bad ``step_norm`` or ``min_descent``."""
+    if step_norm not in STEP_NORMS:
+        raise ValueError(f"step_norm must be one of {STEP_NORMS}, got {step_norm!r}")
+    if not 0.0 <= min_descent <= 1.0:
+        raise ValueError(f"min_descent must lie in [0, 1], got {min_descent!r}")
 
 
 def check_step_inputs(
@@ -63,14 +96,19 @@ def boosting_update(
     epsilon: float,
     weight_decay: float = 0.0,
     z0: float = 0.0,
+    norms: Sequence[float] | None = None,
 ) -> tuple[list[np.ndarray], float, float]:
     """Weight decay, the norm ``z`` and the adaptive step (Alg. 1 lines 8–10, Alg. 2 lines 12–14).
 
-    Returns the new parameters, ``z = max(z0, Σ θ̂_i·g_i)`` and the unclamped ``Σ θ̂_i·g_i``.
-    If ``z`` is 0 (all gradients zero, or an inexact θ̂ with ``Σ θ̂_i·g_i ≤ 0`` and ``z0 = 0``)
-    no boosting step is taken; the weight decay still applies.
+    ``norms`` are the directions' squared lengths ``θ̂_iᵀ(M_i + γ)θ̂_i`` (the ``"metric"`` rule);
+    without them ``z`` is the paper's ``Σ θ̂_i·g_i``. Returns the new parameters,
+    ``z = max(z0, Σ_i norm_i)`` and the unclamped sum. If ``z`` is 0 (all gradients zero, or
+    the paper's rule with ``Σ θ̂_i·g_i ≤ 0`` and ``z0 = 0``) no boosting step is taken; the
+    weight decay still applies.
     """
-    raw_z = sum(step_norm(d, g) for d, g in zip(directions, grads, strict=True))
+    if norms is None:
+        norms = [step_norm(d, g) for d, g in zip(directions, grads, strict=True)]
+    raw_z = float(sum(norms))
     z = max(z0, raw_z)
     decay = 1.0 - np.sqrt(epsilon) * weight_decay
     scale = np.sqrt(epsilon / z) if z > 0 else 0.0
@@ -81,13 +119,41 @@ def boosting_update(
 @dataclass
 class StepInfo:
     """What one LNB step did: ``epsilon``, the norm ``z`` (before the ``z0`` clamp: ``raw_z``),
-    the directions θ̂ per neuron, and for Algorithm 2 the PCG results per neuron (or None)."""
+    the directions θ̂ per neuron, and for Algorithm 2 the PCG results per neuron (or None).
+
+    ``dots`` and ``norms`` are each neuron's ``θ̂_i · g_i`` and ``θ̂_iᵀ(M_i + γ)θ̂_i`` (whichever
+    rule ``z`` used), ``restarted`` whether its warm-started PCG was rerun from 0 (descent)."""
 
     epsilon: float
     z: float
     raw_z: float
     directions: list[np.ndarray]
     pcg: list[PCGResult | None] = field(default_factory=list)
+    dots: list[float] = field(default_factory=list)
+    norms: list[float] = field(default_factory=list)
+    restarted: list[bool] = field(default_factory=list)
+
+
+def solve_online(
+    matvec,
+    g: np.ndarray,
+    iterations: int,
+    precondition,
+    x0: np.ndarray | None,
+    min_descent: float,
+) -> tuple[PCGResult, float, float, bool]:
+    """Algorithm 2, line 10, with the descent safeguard: PCG from ``x0``; if its θ̂ has
+    ``θ̂ · g ≤ min_descent · θ̂ᵀAθ̂`` (possible only with a warm start), PCG again from 0.
+
+    Returns ``(result, θ̂·g, θ̂ᵀAθ̂, restarted)``. From 0, PCG's iterates minimise the A-norm error
+    over a Krylov space that contains them, so ``θ̂ · r = 0`` and ``θ̂ · g = θ̂ᵀAθ̂ > 0`` unless
+    ``g = 0`` (then θ̂ = 0)."""
+    result = pcg(matvec, g, iterations, precondition=precondition, x0=x0)
+    dot, norm = step_norm(result.x, g), metric_norm(result, g)
+    if x0 is None or dot > min_descent * norm:
+        return result, dot, norm, False
+    result = pcg(matvec, g, iterations, precondition=precondition)
+    return result, step_norm(result.x, g), metric_norm(result, g), True
 
 
 class ExactLNB:
@@ -103,6 +169,11 @@ class ExactLNB:
         ridge: ``γ`` added to the non-bias diagonal of every ``M_i`` (§3.4). With ``γ = 0`` a
             singular metric raises :class:`~lnb_ref.errors.NotPositiveDefiniteError`.
         z0: lower bound on ``z``; Algorithm 1 has none (0).
+        relative_ridge: ``γ`` is relative to each feature's variance in the batch,
+            ``γ·Var(x_j)`` (:func:`~lnb_ref.metric.relative_ridge`: keeps the invariance to
+            per-feature affine maps), instead of the same absolute ``γ`` for every feature.
+        step_norm: ``"metric"`` (``z = Σ θ̂ᵀ(M + γ)θ̂``) or ``"paper"`` (``Σ θ̂ · g``); equal to
+            rounding here, as the solve is exact (module docstring).
     """
 
     def __init__(
@@ -112,10 +183,21 @@ class ExactLNB:
         weight_decay: float = 0.0,
         ridge: float = 0.0,
         z0: float = 0.0,
+        relative_ridge: bool = True,
+        step_norm: str = "metric",
     ):
+        check_options(step_norm, 0.0)
         self.neurons = list(neurons)
         self.epsilon = as_schedule(epsilon)
         self.weight_decay, self.ridge, self.z0 = weight_decay, ridge, z0
+        self.relative_ridge, self.step_norm = relative_ridge, step_norm
+
+    def gamma(self, neuron: LinearNeuron, X: np.ndarray):
+        """The ridge of ``neuron``: ``γ``, or ``γ·Var(x_j)`` of this batch per column."""
+        if not self.relative_ridge or neuron.identity_metric:
+            return self.ridge
+        mean, sq = design_moments(neuron, X)
+        return relative_ridge(mean, sq, self.ridge, neuron.bias)
 
     def init(self, params: Sequence[np.ndarray]) -> dict:
         """Algorithm 1 keeps no state but the step count ``t`` (for the schedule ε_t)."""
@@ -125,22 +207,40 @@ class ExactLNB:
         self, grads: Sequence[np.ndarray], features: Sequence[np.ndarray]
     ) -> list[np.ndarray]:
         """``θ̂_i = M_i⁻¹ g_i`` for every neuron (Alg. 1, lines 4–7)."""
-        out = []
+        return self._solve(grads, features)[0]
+
+    def _solve(self, grads, features):
+        """The directions and their squared lengths ``θ̂ᵀ(M + γ)θ̂`` (``θ̂·g`` for identity)."""
+        out, norms = [], []
         for neuron, g, X in zip(self.neurons, grads, features, strict=True):
             if neuron.identity_metric:
                 out.append(np.array(g, dtype=float))
-            else:
-                out.append(solve_exact(neuron, row_metric(neuron, X, self.ridge), g))
-        return out
+                norms.append(step_norm(g, g))
+                continue
+            C = row_metric(neuron, X, self.gamma(neuron, X))
+            d = solve_exact(neuron, C, g)
+            out.append(d)
+            norms.append(step_norm(d, row_metric_matvec(neuron, C, d)))
+        return out, norms
 
     def step(self, params, grads, features, state):
         """One iteration of Algorithm 1 (lines 3–10) from the gradients and features of one
         full-batch forward/backward pass. Returns ``(params, state, StepInfo)``."""
         check_step_inputs(self.neurons, params, grads, features)
         eps = self.epsilon(state["t"])
-        directions = self.directions(grads, features)
-        new, z, raw_z = boosting_update(params, directions, grads, eps, self.weight_decay, self.z0)
-        return new, {"t": state["t"] + 1}, StepInfo(eps, z, raw_z, directions)
+        directions, norms = self._solve(grads, features)
+        dots = [step_norm(d, g) for d, g in zip(directions, grads, strict=True)]
+        new, z, raw_z = boosting_update(
+            params,
+            directions,
+            grads,
+            eps,
+            self.weight_decay,
+            self.z0,
+            norms if self.step_norm == "metric" else dots,
+        )
+        info = StepInfo(eps, z, raw_z, directions, [], dots, norms, [False] * len(norms))
+        return new, {"t": state["t"] + 1}, info
 
 
 class OnlineLNB:
@@ -166,6 +266,12 @@ class OnlineLNB:
         cg_iterations: PCG iterations per step (the paper uses 2).
         precondition: use the §3.5 preconditioners (False: plain CG, for comparisons).
         warm_start: start PCG from the previous θ̂ (False: from 0).
+        relative_ridge: ``γ`` is relative to each feature's (EMA) variance, ``γ·Var(x_j)``
+            (:func:`~lnb_ref.metric.relative_ridge`), instead of absolute.
+        step_norm: ``"metric"`` (default: ``z = Σ θ̂ᵀ(M + γ)θ̂``, every step ε long) or
+            ``"paper"`` (``z = Σ θ̂ · g``, Alg. 2 line 13 as printed); module docstring.
+        min_descent: a warm-started θ̂ with ``θ̂ · g ≤ min_descent · θ̂ᵀ(M + γ)θ̂`` is replaced by
+            PCG from 0 (:func:`solve_online`); 0 restarts only uphill directions.
     """
 
     def __init__(
@@ -180,17 +286,23 @@ class OnlineLNB:
         cg_iterations: int = 2,
         precondition: bool = True,
         warm_start: bool = True,
+        relative_ridge: bool = True,
+        step_norm: str = "metric",
+        min_descent: float = 0.5,
     ):
         if not (0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0):
             raise ValueError(f"EMA rates must lie in [0, 1); got b1={b1}, b2={b2}")
         if cg_iterations < 1:
             raise ValueError(f"cg_iterations must be >= 1, got {cg_iterations}")
+        check_options(step_norm, min_descent)
         self.neurons = list(neurons)
         self.epsilon = as_schedule(epsilon)
         self.weight_decay, self.ridge, self.z0 = weight_decay, ridge, z0
         self.b1, self.b2 = b1, b2
         self.cg_iterations = cg_iterations
         self.precondition, self.warm_start = precondition, warm_start
+        self.relative_ridge, self.step_norm = relative_ridge, step_norm
+        self.min_descent = min_descent
 
     def init(self, params: Sequence[np.ndarray]) -> dict:
         """EMAs at zero (bias correction undoes that), previous θ̂ at zero, ``t = 0``."""
@@ -214,11 +326,14 @@ class OnlineLNB:
         g_ema = [self.b1 * m + (1 - self.b1) * g for m, g in zip(state["g"], grads, strict=True)]
         g_hat = [m / c1 for m in g_ema]
         new_state = {"t": t, "g": g_ema, "mu": [], "chi": [], "theta_hat": []}
-        directions, results = [], []
+        directions, results, dots, norms, restarted = [], [], [], [], []
         for i, neuron in enumerate(self.neurons):
             if neuron.identity_metric:
                 directions.append(g_hat[i])
                 results.append(None)
+                dots.append(step_norm(g_hat[i], g_hat[i]))
+                norms.append(dots[-1])
+                restarted.append(False)
                 for key in ("mu", "chi"):
                     new_state[key].append(None)
                 new_state["theta_hat"].append(g_hat[i])
@@ -229,19 +344,35 @@ class OnlineLNB:
             chi = self.b2 * state["chi"][i] + (1 - self.b2) * sq
             new_state["mu"].append(mu)
             new_state["chi"].append(chi)
+            gamma = self.ridge
+            if self.relative_ridge:
+                gamma = relative_ridge(mu / c2, chi / c2, self.ridge, neuron.bias)
             P = None
             if self.precondition:
-                P = paper_preconditioner(neuron, mu / c2, chi / c2, self.ridge)
+                P = paper_preconditioner(neuron, mu / c2, chi / c2, gamma)
             x0 = state["theta_hat"][i] if self.warm_start else None
-            result = pcg(
-                lambda v, neuron=neuron, X=X: metric_matvec(neuron, X, v, self.ridge),
+            result, dot, norm, again = solve_online(
+                lambda v, neuron=neuron, X=X, gamma=gamma: metric_matvec(neuron, X, v, gamma),
                 g_hat[i],
                 self.cg_iterations,
-                precondition=P,
-                x0=x0,
+                P,
+                x0,
+                self.min_descent,
             )
             directions.append(result.x)
             results.append(result)
+            dots.append(dot)
+            norms.append(norm)
+            restarted.append(again)
             new_state["theta_hat"].append(result.x)
-        new, z, raw_z = boosting_update(params, directions, g_hat, eps, self.weight_decay, self.z0)
-        return new, new_state, StepInfo(eps, z, raw_z, directions, results)
+        new, z, raw_z = boosting_update(
+            params,
+            directions,
+            g_hat,
+            eps,
+            self.weight_decay,
+            self.z0,
+            norms if self.step_norm == "metric" else dots,
+        )
+        info = StepInfo(eps, z, raw_z, directions, results, dots, norms, restarted)
+        return new, new_state, info

@@ -11,7 +11,10 @@
 3. :func:`metric_matvec` — the matrix-free product ``M v = Jᵀ (J v) / n_i`` of Eq. 11, the
    operation the online algorithm's conjugate gradient uses.
 
-Ridge (§3.4): ``γ`` is added to the diagonal of ``M`` on the non-bias entries only.
+Ridge (§3.4): ``γ`` is added to the diagonal of ``M`` on the non-bias entries only. It is a
+number (the same ``γ`` for every feature: the paper's) or one value per design column, shape
+``(G, D − bias)`` — :func:`relative_ridge`'s ``γ·Var(x_j)``, which keeps LNB invariant to
+per-feature affine maps of the inputs (see its docstring).
 """
 
 from __future__ import annotations
@@ -37,14 +40,55 @@ def jacobian(neuron: LinearNeuron, X: np.ndarray) -> np.ndarray:
     return np.stack(cols, axis=1)
 
 
-def ridge_diagonal(neuron: LinearNeuron, gamma: float) -> np.ndarray:
+def ridge_diagonal(neuron: LinearNeuron, gamma) -> np.ndarray:
     """``γ`` on every non-bias parameter, ``0`` on the biases (§3.4), shaped like θ.
 
-    Zero for a neuron with an identity metric: its solve is skipped (``θ̂ = g``, §3.3), so no
-    ridge is ever applied to it and the materialised metric is exactly ``I``."""
+    ``gamma`` is a number, or one value per design column, ``(G, D − bias)`` (every row of group
+    ``g`` gets ``gamma[g]``). Zero for a neuron with an identity metric: its solve is skipped
+    (``θ̂ = g``, §3.3), so no ridge is ever applied to it and the materialised metric is
+    exactly ``I``."""
     if neuron.identity_metric:
         return np.zeros(neuron.theta_shape)
-    return gamma * (~neuron.bias_mask()).astype(float)
+    mask = (~neuron.bias_mask()).astype(float)
+    if np.ndim(gamma) == 0:
+        return gamma * mask
+    gamma = np.asarray(gamma, dtype=float)
+    per_column = np.zeros((neuron.groups, 1, neuron.row_dim))
+    per_column[:, 0, : gamma.shape[-1]] = gamma
+    rows = np.broadcast_to(per_column, (neuron.groups, neuron.rows_per_group, neuron.row_dim))
+    return rows.reshape(neuron.theta_shape) * mask
+
+
+def feature_variance(mu: np.ndarray, chi: np.ndarray, bias: bool) -> np.ndarray:
+    """The per-column scale a relative ridge multiplies: ``Var(x_j) = χ_j − μ_j²`` for a neuron
+    with a bias, the second moment ``χ_j`` without (its metric's diagonal). A variance within
+    rounding of zero (``≤ 64·eps·χ``) counts as 0, as in the preconditioners."""
+    chi = np.asarray(chi, dtype=float)
+    if not bias:
+        return chi
+    var = chi - np.asarray(mu, dtype=float) ** 2
+    return np.where(var > 64 * np.finfo(float).eps * chi, var, 0.0)
+
+
+def relative_ridge(mu: np.ndarray, chi: np.ndarray, gamma: float, bias: bool) -> np.ndarray:
+    """``γ_j = γ · Var(x_j)`` per design column (:func:`feature_variance`): a scale-free ridge.
+
+    Why it keeps the invariance of §3.3 exactly: under ``x ↦ a ⊙ x + c`` the augmented input is
+    ``x̂ ↦ S x̂`` with ``S = [[diag(a), c], [0, 1]]``, so ``M ↦ S M Sᵀ``, ``g ↦ S g``, and the
+    step ``(M + R)⁻¹ g`` moves the neuron's *function* identically iff ``R ↦ S R Sᵀ``. With
+    ``R = diag(r_j)`` on the non-bias entries, ``S R Sᵀ = diag(a_j² r_j)`` (the shift ``c`` meets
+    only the bias row, which carries no ridge), so ``r_j`` must scale like ``a_j²`` and be
+    indifferent to ``c``: the variance does, an absolute ``γ`` (scale) and ``χ_j`` with a bias
+    (shift) do not, and ``tr(M)/d`` only for a common scale ``a_j = a``. Without a bias there is
+    no shift symmetry and ``χ_j`` scales like ``a_j²``.
+
+    A feature constant over the batch (variance 0) gets ``γ·χ_j`` instead (``γ`` if ``χ_j = 0``):
+    its metric is singular along ``[e_j; −x_j]`` (or ``e_j``), where the gradient is 0 too, so
+    *any* positive ridge there gives the same θ̂ (``θ̂_j = 0``); this one keeps the solve
+    well-posed and still scales like ``a_j²``."""
+    var = feature_variance(mu, chi, bias)
+    chi = np.asarray(chi, dtype=float)
+    return gamma * np.where(var > 0, var, np.where(chi > 0, chi, 1.0))
 
 
 def metric_from_forward(neuron: LinearNeuron, X: np.ndarray, gamma: float = 0.0) -> np.ndarray:
@@ -134,5 +178,7 @@ def dense_bias_metric(mu: np.ndarray, sigma: np.ndarray) -> np.ndarray:
 
 
 def step_norm(theta_hat: np.ndarray, g: np.ndarray) -> float:
-    """``z = θ̂ · g`` (Eq. 2 and §3.1): equals ``θ̂ᵀ M θ̂ = ‖f(·; θ̂)‖²_F`` when ``M θ̂ = g``."""
+    """``θ̂ · g`` (Eq. 2 and §3.1; Alg. 2 line 13's ``z``): equals ``θ̂ᵀ M θ̂ = ‖f(·; θ̂)‖²_F``
+    only when ``M θ̂ = g`` exactly. For an inexact (warm-started PCG) θ̂ the two differ, by any
+    factor and even in sign; :func:`lnb_ref.solvers.metric_norm` is the step's actual norm."""
     return float(np.vdot(theta_hat, g))

@@ -66,11 +66,14 @@ class PCGResult:
         x: the last iterate.
         iterates: ``[x_1, ..., x_k]``, the iterate after each of the k iterations.
         residual_norms: ``[‖r_0‖, ‖r_1‖, ..., ‖r_k‖]`` with ``r = b − A x``.
+        residual: the last residual ``r_k = b − A x_k`` (PCG's own recursion), so that
+            ``xᵀ A x = x · (b − r_k)`` costs no further product (:func:`metric_norm`).
     """
 
     x: np.ndarray
     iterates: list[np.ndarray] = field(default_factory=list)
     residual_norms: list[float] = field(default_factory=list)
+    residual: np.ndarray | None = None
 
 
 def pcg(
@@ -117,7 +120,19 @@ def pcg(
         result.iterates.append(x.copy())
         result.residual_norms.append(float(np.linalg.norm(r)))
     result.x = x
+    result.residual = r
     return result
+
+
+def metric_norm(result: PCGResult, b: np.ndarray) -> float:
+    """``xᵀ A x`` of PCG's last iterate, as ``x · (b − r)`` with PCG's residual ``r = b − A x``:
+    the squared length of the direction in the metric the solve used, without another product.
+
+    This is the step norm that keeps the trust region ε exact (Eq. 1–2) whatever the solve's
+    accuracy; ``x · b`` (Alg. 2, line 13) equals it only when ``A x = b``. PCG's recursive
+    residual drifts from ``b − A x`` by rounding only (``O(k·eps·‖A‖‖x‖)`` after ``k``
+    iterations), which the tests bound against ``x · (A x)`` computed directly."""
+    return float(np.vdot(result.x, b - result.residual))
 
 
 def _safe_reciprocal(v: np.ndarray) -> np.ndarray:

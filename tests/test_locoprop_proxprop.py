@@ -85,10 +85,14 @@ def test_locoprop_s_minimizer_is_lnb_with_ridge_on_every_entry(kind, bias):
     expected = -eta * np.linalg.solve(full_metric(neuron, X, kappa), g.ravel())
     assert rel_err(ours.ravel(), expected) < RTOL
     if not bias:
-        theta_hat = ExactLNB([neuron], 1.0, ridge=kappa).directions([g], [X])[0]
+        theta_hat = ExactLNB([neuron], 1.0, ridge=kappa, relative_ridge=False).directions([g], [X])[
+            0
+        ]
         assert rel_err(ours, -eta * theta_hat) < RTOL
     else:  # the bias entries differ from LNB's ridge, which skips them: really another solve
-        theta_hat = ExactLNB([neuron], 1.0, ridge=kappa).directions([g], [X])[0]
+        theta_hat = ExactLNB([neuron], 1.0, ridge=kappa, relative_ridge=False).directions([g], [X])[
+            0
+        ]
         assert rel_err(ours, -eta * theta_hat) > 1e-6
 
 
@@ -127,7 +131,9 @@ def test_locoprop_s_converges_to_the_minimizer(kind, bias):
     # does not amplify it), hence the RTOL floor.
     assert rel_err(last, target) <= q**J + RTOL
     if not bias:  # the brief's statement, directly: −η × ExactLNB's θ̂ with ridge γ = κ
-        theta_hat = ExactLNB([neuron], 1.0, ridge=kappa).directions([g], [X])[0]
+        theta_hat = ExactLNB([neuron], 1.0, ridge=kappa, relative_ridge=False).directions([g], [X])[
+            0
+        ]
         assert rel_err(last, -eta * theta_hat) <= q**J + RTOL
     assert q**J < 1e-6  # the loop really ran to convergence
 

@@ -189,7 +189,9 @@ def test_foof_direction_is_exact_lnb_without_bias(kind):
     case = BIAS_FREE[kind](rng)
     g = rng.normal(size=case.ref.theta_shape)
     theta = rng.normal(size=case.ref.theta_shape)
-    exact = ExactLNB([case.ref], 1.0, ridge=0.1).directions([g], [case.X_ref])[0]
+    exact = ExactLNB([case.ref], 1.0, ridge=0.1, relative_ridge=False).directions(
+        [g], [case.X_ref]
+    )[0]
 
     foof = FOOF([case.ref], 0.5, damping=0.1, b2=0.0, refresh_every=1)
     _, _, info = foof.step([theta], [g], [case.X_ref], foof.init([theta]))

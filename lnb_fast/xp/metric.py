@@ -34,8 +34,11 @@ def _check_ridge(ridge: float) -> float:
     return ridge
 
 
-def design_product(neuron: Neuron, A: Array, n: int, v: Array, ridge: float = 0.0) -> Array:
+def design_product(neuron: Neuron, A: Array, n: int, v: Array, ridge=0.0) -> Array:
     """``M v`` (Eq. 11) from a precomputed weight design ``A = Φ_w``, ``(G, n_i, D_w)``.
+
+    ``ridge`` is a number ``γ`` or one value per weight column, ``(G, D_w)``
+    (:func:`~lnb_fast.xp.preconditioner.relative_ridge`).
 
     This is :func:`metric_matvec` without rebuilding the design: PCG calls it once per
     iteration with the same ``A`` (for a convolution the im2col matrix is built once per step).
@@ -48,8 +51,11 @@ def design_product(neuron: Neuron, A: Array, n: int, v: Array, ridge: float = 0.
     if neuron.bias:
         Jv = Jv + rows[:, None, :, Dw]
     Mw = xp.matmul(_compat.permute_dims(xp, Jv, (0, 2, 1)), A) / n  # (G, k, D_w)
-    if ridge:
-        Mw = Mw + ridge * vw
+    if isinstance(ridge, (int, float)):
+        if ridge:
+            Mw = Mw + ridge * vw
+    else:
+        Mw = Mw + ridge[:, None, :] * vw
     if neuron.bias:
         Mb = xp.sum(Jv, axis=1) / n  # (G, k)
         Mw = _compat.concat(xp, [Mw, Mb[..., None]], axis=2)

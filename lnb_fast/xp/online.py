@@ -17,10 +17,13 @@ Per step, for each neuron ``i``::
 
 then, once for the whole network (lines 12–14)::
 
-    θ ← (1 − √ε · ρ) θ;     z = max(z0, Σ_i θ̂_i · g_i);     θ ← θ − √(ε / z) θ̂
+    θ ← (1 − √ε · ρ) θ;     z = max(z0, Σ_i θ̂_iᵀ(M_i + γ)θ̂_i);     θ ← θ − √(ε / z) θ̂
 
-(weight decay ``1 − √ε·ρ``, as in the reference). Nothing synchronises with the host except the
-optional finiteness check: ``z`` and the PCG residuals are returned as 0-d device arrays.
+(weight decay ``1 − √ε·ρ``, as in the reference). The step norm, the descent restart and the
+relative ridge are those of :mod:`lnb_ref.lnb` (``step_norm``, ``min_descent``,
+``relative_ridge``). Two host synchronisations per step at most: the optional finiteness check,
+and with a warm start the descent test (one for all neurons; the neurons whose warm-started θ̂
+fails it are recomputed from 0). ``z`` and the PCG residuals are 0-d device arrays.
 """
 
 from __future__ import annotations
@@ -33,8 +36,10 @@ from . import _compat
 from ._compat import Array
 from .metric import design_product, moments_of_design
 from .neurons import Neuron
-from .pcg import PCGResult, pcg
-from .preconditioner import paper_preconditioner
+from .pcg import PCGResult, metric_norm, pcg
+from .preconditioner import paper_preconditioner, relative_ridge
+
+STEP_NORMS = ("metric", "paper")
 
 Schedule = Callable[[int], float]
 
@@ -49,6 +54,9 @@ class StepInfo:
     raw_z: Array
     directions: list[Array]
     pcg: list[PCGResult] = field(default_factory=list)
+    dots: list[Array] = field(default_factory=list)
+    norms: list[Array] = field(default_factory=list)
+    restarted: list[bool] = field(default_factory=list)
 
 
 def boosting_update(
@@ -58,12 +66,16 @@ def boosting_update(
     epsilon: float,
     weight_decay: float = 0.0,
     z0: float = 0.0,
+    norms: Sequence[Array] | None = None,
 ) -> tuple[list[Array], Array, Array]:
-    """Weight decay, ``z = max(z0, Σ θ̂_i·g_i)`` and the step ``−√(ε/z) θ̂`` (Alg. 2, lines
-    12–14), as :func:`lnb_ref.lnb.boosting_update`. If ``z = 0`` no boosting step is taken (the
-    decay still applies). Returns the new parameters, ``z`` and the unclamped ``Σ θ̂_i·g_i``."""
+    """Weight decay, ``z = max(z0, Σ_i norm_i)`` and the step ``−√(ε/z) θ̂`` (Alg. 2, lines
+    12–14), as :func:`lnb_ref.lnb.boosting_update`: ``norms`` are the directions' squared lengths
+    ``θ̂ᵀ(M + γ)θ̂``; without them, the paper's ``θ̂_i·g_i``. If ``z = 0`` no boosting step is
+    taken (the decay still applies). Returns the new parameters, ``z`` and the unclamped sum."""
     xp = _compat.namespace(*params)
-    raw_z = sum(_compat.vdot(xp, d, g) for d, g in zip(directions, grads, strict=True))
+    if norms is None:
+        norms = [_compat.vdot(xp, d, g) for d, g in zip(directions, grads, strict=True)]
+    raw_z = sum(norms)
     floor = xp.zeros_like(raw_z) + z0
     z = xp.where(raw_z > floor, raw_z, floor)
     positive = z > 0
@@ -100,6 +112,10 @@ class OnlineLNB:
         warm_start: start PCG from the previous θ̂ (False: from 0).
         check_finite: raise a ValueError naming the neuron if a gradient or a feature array is
             not finite (costs one host synchronisation per step; False skips it).
+        relative_ridge: ``γ·Var(x_j)`` per weight column instead of an absolute ``γ``.
+        step_norm: ``"metric"`` (``z = Σ θ̂ᵀ(M + γ)θ̂``, default) or ``"paper"`` (``Σ θ̂·g``).
+        min_descent: warm-started directions with ``θ̂·g ≤ min_descent · θ̂ᵀ(M + γ)θ̂`` are
+            recomputed by PCG from 0.
     """
 
     def __init__(
@@ -115,6 +131,9 @@ class OnlineLNB:
         precondition: bool = True,
         warm_start: bool = True,
         check_finite: bool = True,
+        relative_ridge: bool = True,
+        step_norm: str = "metric",
+        min_descent: float = 0.5,
     ):
         if not (0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0):
             raise ValueError(f"EMA rates must lie in [0, 1); got b1={b1}, b2={b2}")
@@ -123,6 +142,10 @@ class OnlineLNB:
         for what, v in (("weight_decay", weight_decay), ("ridge", ridge), ("z0", z0)):
             if not v >= 0:
                 raise ValueError(f"{what} must be >= 0, got {v!r}")
+        if step_norm not in STEP_NORMS:
+            raise ValueError(f"step_norm must be one of {STEP_NORMS}, got {step_norm!r}")
+        if not 0.0 <= min_descent <= 1.0:
+            raise ValueError(f"min_descent must lie in [0, 1], got {min_descent!r}")
         for i, n in enumerate(neurons):
             if not isinstance(n, Neuron):
                 raise TypeError(
@@ -135,6 +158,8 @@ class OnlineLNB:
         self.cg_iterations = cg_iterations
         self.precondition, self.warm_start = precondition, warm_start
         self.check_finite = check_finite
+        self.relative_ridge, self.step_norm = relative_ridge, step_norm
+        self.min_descent = float(min_descent)
 
     def init(self, params: Sequence[Array]) -> dict:
         """EMAs and the previous θ̂ at zero (bias correction undoes that), ``t = 0``; in the
@@ -185,7 +210,8 @@ class OnlineLNB:
         g_ema = [self.b1 * m + (1 - self.b1) * g for m, g in zip(state["g"], grads, strict=True)]
         g_hat = [m / c1 for m in g_ema]
         new_state = {"t": t, "g": g_ema, "mu": [], "chi": [], "theta_hat": []}
-        directions, results = [], []
+        solves = []  # per neuron: (matvec, preconditioner)
+        results = []
         for i, neuron in enumerate(self.neurons):
             X = features[i]
             A = neuron.weight_design(X)  # built once, used by the moments and every product
@@ -195,19 +221,41 @@ class OnlineLNB:
             chi = self.b2 * state["chi"][i] + (1 - self.b2) * sq
             new_state["mu"].append(mu)
             new_state["chi"].append(chi)
+            gamma = self.ridge
+            if self.relative_ridge:
+                gamma = relative_ridge(mu / c2, chi / c2, self.ridge, neuron.bias)
             P = None
             if self.precondition:
-                P = paper_preconditioner(neuron, mu / c2, chi / c2, self.ridge)
+                P = paper_preconditioner(neuron, mu / c2, chi / c2, gamma)
             x0 = state["theta_hat"][i] if self.warm_start else None
-            result = pcg(
-                lambda v, neuron=neuron, A=A, n=n: design_product(neuron, A, n, v, self.ridge),
-                g_hat[i],
-                self.cg_iterations,
-                precondition=P,
-                x0=x0,
-            )
-            directions.append(result.x)
-            results.append(result)
-            new_state["theta_hat"].append(result.x)
-        new, z, raw_z = boosting_update(params, directions, g_hat, eps, self.weight_decay, self.z0)
-        return new, new_state, StepInfo(eps, z, raw_z, directions, results)
+
+            def matvec(v, neuron=neuron, A=A, n=n, gamma=gamma):
+                return design_product(neuron, A, n, v, gamma)
+
+            solves.append((matvec, P))
+            results.append(pcg(matvec, g_hat[i], self.cg_iterations, precondition=P, x0=x0))
+        dots = [_compat.vdot(xp, r.x, g) for r, g in zip(results, g_hat, strict=True)]
+        norms = [metric_norm(r, g) for r, g in zip(results, g_hat, strict=True)]
+        restarted = [False] * len(results)
+        if self.warm_start and results:  # descent: one host synchronisation for all neurons
+            ok = xp.stack([d > self.min_descent * m for d, m in zip(dots, norms, strict=True)])
+            failed = [] if bool(xp.all(ok)) else [i for i in range(len(results)) if not bool(ok[i])]
+            for i in failed:
+                matvec, P = solves[i]
+                results[i] = pcg(matvec, g_hat[i], self.cg_iterations, precondition=P)
+                dots[i] = _compat.vdot(xp, results[i].x, g_hat[i])
+                norms[i] = metric_norm(results[i], g_hat[i])
+                restarted[i] = True
+        directions = [r.x for r in results]
+        new_state["theta_hat"] = list(directions)
+        new, z, raw_z = boosting_update(
+            params,
+            directions,
+            g_hat,
+            eps,
+            self.weight_decay,
+            self.z0,
+            norms if self.step_norm == "metric" else dots,
+        )
+        info = StepInfo(eps, z, raw_z, directions, results, dots, norms, restarted)
+        return new, new_state, info

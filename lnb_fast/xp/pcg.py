@@ -31,11 +31,21 @@ class PCGResult:
         x: the last iterate.
         iterates: ``[x_1, ..., x_k]``.
         residual_norms: ``[‖r_0‖, ..., ‖r_k‖]`` with ``r = b − A x``.
+        residual: the last residual ``r_k`` (so ``xᵀAx = x · (b − r_k)``, :func:`metric_norm`).
     """
 
     x: Array
     iterates: list[Array] = field(default_factory=list)
     residual_norms: list[Array] = field(default_factory=list)
+    residual: Array | None = None
+
+
+def metric_norm(result: PCGResult, b: Array) -> Array:
+    """``xᵀ A x`` of the last iterate as ``x · (b − r)`` from PCG's own residual: the squared
+    length of the direction in the metric the solve used (:func:`lnb_ref.solvers.metric_norm`);
+    a 0-d array on the device."""
+    xp = _compat.namespace(result.x, b)
+    return _compat.vdot(xp, result.x, b - result.residual)
 
 
 def pcg(
@@ -58,8 +68,10 @@ def pcg(
         raise ValueError(f"iterations must be an int >= 1, got {iterations!r}")
     xp = _compat.namespace(b, x0)
     P = precondition if precondition is not None else (lambda v: v)
-    x = xp.zeros_like(b) if x0 is None else x0
-    r = b - matvec(x)
+    if x0 is None:  # from 0: r₀ = b, no product
+        x, r = xp.zeros_like(b), b
+    else:
+        x, r = x0, b - matvec(x0)
     y = P(r)
     p = y
     ry = _compat.vdot(xp, r, y)
@@ -82,4 +94,5 @@ def pcg(
         result.iterates.append(x)
         result.residual_norms.append(rnorm)
     result.x = x
+    result.residual = r
     return result

@@ -25,6 +25,32 @@ from ._compat import Array
 from .neurons import Neuron
 
 
+def _ridge(ridge):
+    """A number as a float; a per-column ``(G, D_w)`` array as it is."""
+    return float(ridge) if isinstance(ridge, (int, float)) else ridge
+
+
+def feature_variance(mu: Array, chi: Array, bias: bool) -> Array:
+    """``χ − μ²`` with a bias (within rounding of 0: 0, as in the module docstring), ``χ``
+    without: the scale of :func:`relative_ridge`."""
+    if not bias:
+        return chi
+    xp = _compat.namespace(mu, chi)
+    var = chi - mu * mu
+    tiny = 64 * xp.finfo(chi.dtype).eps
+    return xp.where(var > tiny * chi, var, xp.zeros_like(var))
+
+
+def relative_ridge(mu: Array, chi: Array, ridge: float, bias: bool) -> Array:
+    """``γ·Var(x_j)`` per weight column, ``γ·χ_j`` (or ``γ``) where the variance is 0, ``(G, D_w)``:
+    the scale-free ridge of :func:`lnb_ref.metric.relative_ridge` (which derives why it keeps
+    the invariance to per-feature affine maps)."""
+    xp = _compat.namespace(mu, chi)
+    var = feature_variance(mu, chi, bias)
+    one = xp.ones_like(chi)
+    return float(ridge) * xp.where(var > 0, var, xp.where(chi > 0, chi, one))
+
+
 def safe_reciprocal(v: Array) -> Array:
     """``1 / v`` where ``v > 0``, and 1 where ``v ≤ 0`` (see the module docstring)."""
     xp = _compat.namespace(v)
@@ -43,7 +69,7 @@ class DiagonalPreconditioner:
             )
         _check_moment(neuron, "chi", chi)
         self.neuron = neuron
-        self.inv_diag = safe_reciprocal(chi + float(ridge))  # (G, D)
+        self.inv_diag = safe_reciprocal(chi + _ridge(ridge))  # (G, D)
 
     def __call__(self, v: Array) -> Array:
         xp = _compat.namespace(v)
@@ -59,13 +85,9 @@ class IncompleteCholeskyPreconditioner:
             raise ValueError(f"neuron {neuron.name!r} has no bias; use DiagonalPreconditioner")
         _check_moment(neuron, "mu", mu)
         _check_moment(neuron, "chi", chi)
-        xp = _compat.namespace(mu, chi)
         self.neuron = neuron
         self.mu = mu
-        var = chi - mu * mu
-        tiny = 64 * xp.finfo(chi.dtype).eps
-        var = xp.where(var > tiny * chi, var, xp.zeros_like(var))
-        self.inv_var = safe_reciprocal(var + float(ridge))
+        self.inv_var = safe_reciprocal(feature_variance(mu, chi, True) + _ridge(ridge))
 
     def __call__(self, v: Array) -> Array:
         xp = _compat.namespace(v)
