@@ -1,5 +1,6 @@
 """Every notebook in ``notebooks/`` executes without error (each checks its own claims with
-assertions), and is stored without outputs. The executed copies are written to
+assertions, most through a one-line ``check(condition, message)``, and runs its exercises'
+solutions), and is stored without outputs. The executed copies are written to
 ``docs/notebooks/`` (not in version control), where ``make docs`` renders them."""
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ def test_notebook_executes(name):
     assert code and all(not c.get("outputs") and c.get("execution_count") is None for c in code), (
         f"{path.name} must be stored without outputs (clear them before committing)"
     )
-    assert sum("assert" in c.source for c in code) >= 3, "a notebook checks its claims"
+    checks = sum("assert" in c.source or "check(" in c.source for c in code)
+    assert checks >= 3, "a notebook checks its claims (assert, or its one-line check(...) helper)"
     # `timeout` is a hang guard per cell, not a speed test (each notebook takes well under the
     # 2 minutes the project allows; the test log shows the time).
     client = nbclient.NotebookClient(
