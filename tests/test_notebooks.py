@@ -22,10 +22,11 @@ EXPECTED = [
     "03_solving_online",
     "04_second_order_in_context",
     "05_reproducing_the_paper",
+    "06_lnb_from_scratch_in_jax",
 ]
 
 
-def test_the_five_notebooks_are_there():
+def test_the_six_notebooks_are_there():
     assert sorted(p.stem for p in SOURCES.glob("*.ipynb")) == EXPECTED
 
 
