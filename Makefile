@@ -33,26 +33,33 @@ data:
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
-	$(PY) -m ruff format --check lnb_ref lnb_fast tests benchmarks
+	$(PY) -m ruff format --check lnb_ref lnb_fast tests benchmarks tools
 
 format: $(STAMP)
 	$(PY) -m ruff check --fix .
-	$(PY) -m ruff format lnb_ref lnb_fast tests benchmarks
+	$(PY) -m ruff format lnb_ref lnb_fast tests benchmarks tools
 
-# The suite executes the notebooks (writing rendered copies to docs/notebooks/), then the docs
-# site is built in strict mode from them, so CI (.ci/run -> make test) checks both.
+# The notebooks are executed first (writing rendered copies to docs/notebooks/), the docs site
+# is built from them and its links checked, then the rest of the suite runs, including
+# tests/test_site.py, which opens the built site in headless Chromium where it is installed;
+# so CI (.ci/run -> make test) checks all of it.
 test: lint
-	$(PY) -m pytest
+	$(PY) -m pytest -q tests/test_notebooks.py
 	$(MAKE) docs-build
+	$(PY) -m pytest --ignore=tests/test_notebooks.py
 
-# `make docs`: execute the notebooks, then build the site (strict: warnings and broken links
-# fail) into build/site/.
+# `make docs`: execute the notebooks, then build the site into build/site/ and check it: every
+# relative link and #anchor of every page, notebook pages included, must resolve
+# (tools/check_site.py), and, where Chromium is installed, the maths must be typeset offline
+# from file:// (tests/test_site.py). The site works offline: MathJax ships with it.
 docs: $(STAMP)
 	$(PY) -m pytest -q tests/test_notebooks.py
 	$(MAKE) docs-build
+	$(PY) -m pytest -q tests/test_site.py
 
 docs-build: $(STAMP)
 	$(VENV)/bin/mkdocs build --strict --quiet
+	$(PY) tools/check_site.py build/site
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -m slow

@@ -154,13 +154,16 @@ def run(
     n_train: int | None = None,
     n_test: int | None = None,
     learning_rates: dict[str, float] | None = None,
+    optimizer_options: dict[str, dict] | None = None,
     model_options: dict | None = None,
     target: float | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Run one experiment with each optimizer (same initial parameters and batches) and return
     a JSON-ready dict: ``config``, ``dataset``, ``runs`` (one per optimizer, see
-    :func:`lnb.train.train`)."""
+    :func:`lnb.train.train`). ``learning_rates`` and ``optimizer_options`` (merged into the
+    optimizer's keyword arguments) override the experiment's settings per optimizer name, e.g.
+    ``optimizer_options={"lnb": {"relative_ridge": False}}``."""
     if name not in EXPERIMENTS:
         raise ValueError(f"unknown experiment {name!r}; choose from {', '.join(EXPERIMENTS)}")
     exp = EXPERIMENTS[name]
@@ -175,6 +178,10 @@ def run(
     if learning_rates:
         specs = [
             replace(s, learning_rate=learning_rates.get(s.name, s.learning_rate)) for s in specs
+        ]
+    if optimizer_options:
+        specs = [
+            replace(s, options={**s.options, **optimizer_options.get(s.name, {})}) for s in specs
         ]
     epochs = exp.epochs if epochs is None else epochs
     config = {

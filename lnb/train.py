@@ -56,8 +56,10 @@ class OptimizerSpec:
         return self.name in FEATURE_OPTIMIZERS
 
     def label(self) -> str:
-        lr = f"{self.learning_rate:g}" + (f"·{self.decay:g}^epoch" if self.decay != 1.0 else "")
-        return f"{self.name} (lr {lr})"
+        """``"adam (lr 0.001)"``; LNB's rate is its trust-region size ε (Eq. 1), not a learning
+        rate: ``"lnb (ε 0.01·0.75^epoch)"``."""
+        rate = f"{self.learning_rate:g}" + (f"·{self.decay:g}^epoch" if self.decay != 1.0 else "")
+        return f"{self.name} ({'ε' if self.name == 'lnb' else 'lr'} {rate})"
 
     def record(self, seed: int) -> dict[str, Any]:
         """The header of a run's JSON record: which optimizer, with what settings."""

@@ -1,5 +1,30 @@
+// MathJax 3, shipped with the site (mathjax/, copied from the django-static-mathjax package by
+// tools/site_hooks.py at build time): no CDN, so the maths renders offline and from file://.
+// Typeset are only: the arithmatex spans of the Markdown pages (\( \) and \[ \]), the Markdown
+// cells of the notebook pages (jp-MarkdownOutput: $ and $$, as in Jupyter) and the tables of
+// contents (md-nav--secondary: notebook headings keep their $...$). A dollar sign anywhere else,
+// and in code everywhere, is never taken for maths.
+// (Not ignoreHtmlClass ".*|" + processHtmlClass: that only reaches text directly inside the
+// processed element, not the paragraphs of a notebook cell.)
+const MATH = ".arithmatex, .jp-MarkdownOutput, .md-nav--secondary";
+
 window.MathJax = {
-  tex: { inlineMath: [["\\(", "\\)"]], displayMath: [["\\[", "\\]"]], processEscapes: true, processEnvironments: true },
-  options: { ignoreHtmlClass: ".*|", processHtmlClass: "arithmatex" }
+  tex: {
+    inlineMath: [["\\(", "\\)"], ["$", "$"]],
+    displayMath: [["\\[", "\\]"], ["$$", "$$"]],
+    processEscapes: true,
+    processEnvironments: true,
+  },
+  startup: { elements: [MATH] },
 };
-document$.subscribe(() => { MathJax.typesetPromise(); });
+
+// Re-typeset when mkdocs-material swaps the page in place (navigation.instant); on a normal page
+// load MathJax typesets `startup.elements` by itself once it has started.
+document$.subscribe(() => {
+  if (window.MathJax.typesetPromise) {
+    MathJax.startup.output.clearCache();
+    MathJax.typesetClear();
+    MathJax.texReset();
+    MathJax.typesetPromise(document.querySelectorAll(MATH));
+  }
+});

@@ -1,0 +1,126 @@
+"""The built site in a real browser: headless Chromium opens the maths page and every notebook
+page of ``build/site`` from ``file://``, with every host name unresolvable (offline), and the
+formulas must have been typeset by the MathJax that ships with the site: ``mjx-container``
+elements, no MathJax error, and no TeX delimiter left in the text MathJax is given (Markdown
+cells of the notebooks, arithmatex spans, the tables of contents). Search must work there too.
+
+Skips, saying why, where Chromium is not installed (``apt-get install chromium``; or set
+``LNB_CHROMIUM`` to a Chrome/Chromium binary) or the site is not built (``make docs-build``).
+``make docs`` and ``make test`` run it after building the site.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SITE = ROOT / "build" / "site"
+NOTEBOOKS = sorted(p.stem for p in (ROOT / "notebooks").glob("*.ipynb"))
+PAGES = ["maths.html", *(f"notebooks/{name}.html" for name in NOTEBOOKS)]
+#: Classes whose text MathJax typesets (docs/javascripts/mathjax.js).
+MATH_CLASSES = {"arithmatex", "jp-MarkdownOutput", "md-nav--secondary"}
+#: Text under these is not maths (code) or is MathJax's output.
+OPAQUE = {"mjx-container", "code", "pre", "script", "style", "kbd"}
+VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "wbr"}
+RAW_TEX = re.compile(r"\$|\\\(|\\\)|\\\[|\\\]")
+
+
+def _chromium() -> str | None:
+    candidates = [os.environ.get("LNB_CHROMIUM"), "/usr/bin/chromium"]
+    candidates += [shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome")]
+    return next((c for c in candidates if c and Path(c).is_file()), None)
+
+
+CHROMIUM = _chromium()
+needs_browser = pytest.mark.skipif(
+    CHROMIUM is None,
+    reason="Chromium not found (apt-get install chromium, or set LNB_CHROMIUM)",
+)
+needs_site = pytest.mark.skipif(
+    not (SITE / "index.html").is_file(),
+    reason=f"no built site in {SITE.relative_to(ROOT)} (run `make docs-build`)",
+)
+
+
+def dump_dom(url: str, profile: Path) -> str:
+    """The DOM of ``url`` after its scripts ran (virtual time: MathJax finishes typesetting)."""
+    args = [
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--no-first-run",
+        f"--user-data-dir={profile}",
+        "--host-resolver-rules=MAP * ~NOTFOUND",  # offline: no CDN can answer
+        "--window-size=1280,2000",
+        "--virtual-time-budget=30000",
+        "--dump-dom",
+        url,
+    ]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0 and "</html>" in done.stdout, done.stderr[-2000:]
+    return done.stdout
+
+
+class _Typeset(HTMLParser):
+    """Counts MathJax's output and collects the text MathJax was meant to typeset."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.stack: list[tuple[str, bool, bool]] = []  # (tag, in maths text, opaque)
+        self.counts = {"mjx-container": 0, "mjx-merror": 0}
+        self.leftover: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        if tag in self.counts:
+            self.counts[tag] += 1
+        if tag in VOID:
+            return
+        classes = set((dict(attrs).get("class") or "").split())
+        math, opaque = self.stack[-1][1:] if self.stack else (False, False)
+        self.stack.append((tag, math or bool(classes & MATH_CLASSES), opaque or tag in OPAQUE))
+
+    def handle_endtag(self, tag):
+        while self.stack:
+            if self.stack.pop()[0] == tag:
+                break
+
+    def handle_data(self, data):
+        if self.stack and self.stack[-1][1] and not self.stack[-1][2] and RAW_TEX.search(data):
+            self.leftover.append(data.strip()[:120])
+
+
+def test_the_pages_to_check():
+    assert len(NOTEBOOKS) == 5 and len(PAGES) == 6, PAGES
+
+
+@needs_browser
+@needs_site
+@pytest.mark.parametrize("page", PAGES)
+def test_formulas_are_typeset_offline(page, tmp_path):
+    path = SITE / page
+    assert path.is_file(), f"{page} is missing from the built site"
+    dom = _Typeset()
+    dom.feed(dump_dom(path.as_uri(), tmp_path / "profile"))
+    typeset = dom.counts["mjx-container"]
+    print(f"{page}: {typeset} formulas typeset")
+    assert typeset >= 20, f"{page}: only {typeset} formulas typeset"
+    assert dom.counts["mjx-merror"] == 0, f"{page}: MathJax reported TeX errors"
+    assert not dom.leftover, f"{page}: raw TeX left in the rendered text: {dom.leftover[:5]}"
+
+
+@needs_browser
+@needs_site
+def test_search_works_offline(tmp_path):
+    html = dump_dom((SITE / "index.html").as_uri() + "?q=whitening", tmp_path / "profile")
+    found = re.search(r'md-search-result__meta">\s*(\d+) matching document', html)
+    assert found and int(found[1]) > 0, "search found nothing from file://"
