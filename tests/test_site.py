@@ -100,7 +100,7 @@ class _Typeset(HTMLParser):
 
 
 def test_the_pages_to_check():
-    assert len(NOTEBOOKS) == 5 and len(PAGES) == 6, PAGES
+    assert len(NOTEBOOKS) == 6 and len(PAGES) == 7, PAGES
 
 
 @needs_browser

@@ -220,7 +220,14 @@ def test_fast_stale_covariance_step_is_epsilon_long_in_its_own_metric():
         (jnp.asarray(features(rng, N, D2)), jnp.asarray(rng.normal(size=(N, K2)))) for _ in range(7)
     ]
     steps, _ = fast_steps(
-        loss, params, batches, learning_rate=0.3, ridge=1e-2, strategy="covariance", refresh_every=3
+        loss,
+        params,
+        batches,
+        learning_rate=0.3,
+        ridge=1e-2,
+        relative_ridge=True,
+        strategy="covariance",
+        refresh_every=3,
     )
     for t, ((old, new, _), _) in enumerate(zip(steps, batches, strict=True)):
         X = np.asarray(batches[t - t % 3][0])  # the batch of the last refresh
@@ -333,7 +340,7 @@ def test_online_step_is_epsilon_long_and_descends(backend, seed, gamma, relative
 
 def test_exact_lnb_step_is_epsilon_long():
     neurons, params, data = reference_problem(1)
-    opt = ExactLNB(neurons, 0.2, ridge=1e-2)
+    opt = ExactLNB(neurons, 0.2, ridge=1e-2, relative_ridge=True)
     feats, errors = data[0]
     grads = reference_grads(neurons, feats, errors)
     new, _, _ = opt.step(params, grads, feats, opt.init(params))
