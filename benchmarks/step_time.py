@@ -58,7 +58,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import os
 import sys
 import time
@@ -79,6 +78,7 @@ from lnb import models as lnb_models
 from lnb.experiments import LNB_OPTIONS
 from lnb.train import make_step as train_step
 from lnb_fast.strategy import plan
+from lnb_ref.matfact import save_json
 
 Params = dict[str, jax.Array]
 Batch = tuple[jax.Array, jax.Array]
@@ -658,7 +658,7 @@ def main(argv: list[str] | None = None) -> int:
         "time_to_target": {"dataset": args.dataset, "target": args.target, "results": targets},
     }
     try:
-        args.out.write_text(json.dumps(record, indent=2) + "\n")
+        save_json(args.out, record, indent=2)
         args.out.with_suffix(".md").write_text("\n".join(text) + "\n")
     except OSError as err:
         print(f"error: --out {args.out}: {err}", file=sys.stderr)

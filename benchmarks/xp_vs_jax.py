@@ -39,7 +39,6 @@ No timing is asserted anywhere.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -55,6 +54,7 @@ from jax import lax
 import lnb_fast
 from lnb import models
 from lnb_fast import xp as lnbxp
+from lnb_ref.matfact import save_json
 
 SETTINGS = dict(ridge=1e-3, b1=0.9, b2=0.99, cg_iterations=2, z0=0.0, weight_decay=0.0)
 EPSILON = 1e-2
@@ -323,7 +323,7 @@ def main(argv=None) -> int:
         "rows": rows,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(data, indent=2) + "\n")
+    save_json(args.out, data, indent=2)
     md = markdown(data)
     args.out.with_suffix(".md").write_text(md)
     print(md)

@@ -7,13 +7,15 @@
 
 Every run writes ``OUT/<experiment>.json`` (config, dataset, per-epoch train/test loss and
 metric, wall time per epoch excluding compilation) and ``OUT/<experiment>.png``.
-Exit codes: 0 success, 1 a check over tolerance, 2 a usage error (unknown experiment or
-optimizer, unwritable output folder, missing optional dataset).
+Exit codes: 0 success, 1 a check over tolerance, 2 a usage error (a bad flag value, unknown
+experiment or optimizer, unwritable output folder, missing or corrupt dataset file), printed as
+one line without a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import platform
 import sys
@@ -26,11 +28,61 @@ import numpy as np
 
 from lnb_ref.matfact import save_json
 
-from .data import MissingDatasetError
+from .data import DataError, MissingDatasetError
 
 
 class UsageError(Exception):
     """A problem the user can fix; printed without a traceback, exit code 2."""
+
+
+# --- argument types: a bad value is a one-line argparse error, exit code 2 ------------------------
+def int_at_least(minimum: int):
+    """An argparse ``type=``: an integer ``>= minimum``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def finite_float(text: str) -> float:
+    """An argparse ``type=``: a finite number (no nan or inf)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+def learning_rate(text: str) -> tuple[str, float]:
+    """An argparse ``type=`` for ``--lr OPT=VALUE``: ``(OPT, VALUE)`` with VALUE finite > 0
+    (whether OPT is an optimizer of the experiment is checked once the experiment is known)."""
+    name, sep, value = text.partition("=")
+    if not sep or not name.strip() or not value.strip():
+        raise argparse.ArgumentTypeError(f"expected OPTIMIZER=VALUE, e.g. adam=3e-3, got {text!r}")
+    try:
+        rate = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"the learning rate of {name.strip()} must be a number, got {value!r}"
+        ) from None
+    if not (math.isfinite(rate) and rate > 0):
+        raise argparse.ArgumentTypeError(
+            f"the learning rate of {name.strip()} must be a finite number > 0, got {value!r}"
+        )
+    return name.strip(), rate
+
+
+positive_int = int_at_least(1)
+seed_int = int_at_least(0)
 
 
 def check_writable(folder: Path) -> None:
@@ -114,12 +166,28 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         raise UsageError(
             f"unknown optimizer(s) {', '.join(unknown)}; choose from {', '.join(exp.optimizers)}"
         )
+    if exp.model == "matfact":
+        ignored = [
+            flag
+            for flag, value in (
+                ("--dataset", args.dataset),
+                ("--data-path", args.data_path),
+                ("--batch-size", args.batch_size),
+                ("--n-train", args.n_train),
+                ("--n-test", args.n_test),
+            )
+            if value is not None
+        ]
+        if ignored:
+            verb = "does" if len(ignored) == 1 else "do"
+            raise UsageError(f"{', '.join(ignored)} {verb} not apply to matfact (full batch)")
     lrs = {}
-    for item in args.lr or []:
-        name, _, value = item.partition("=")
-        if name not in exp.optimizers or not value:
-            raise UsageError(f"--lr expects OPTIMIZER=VALUE with a known optimizer, got {item!r}")
-        lrs[name] = float(value)
+    for name, rate in args.lr or []:
+        if name not in exp.optimizers:
+            raise UsageError(
+                f"--lr: unknown optimizer {name!r}; choose from {', '.join(exp.optimizers)}"
+            )
+        lrs[name] = rate
     start = time.perf_counter()
     result = run(
         args.experiment,
@@ -207,8 +275,8 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="matrix factorization + digits MLP (original, inverted)")
-    demo.add_argument("--epochs", type=int, default=15, help="MLP epochs (default 15)")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--epochs", type=positive_int, default=15, help="MLP epochs (default 15)")
+    demo.add_argument("--seed", type=seed_int, default=0)
     demo.add_argument("--out", default="results", help="output folder (default results/)")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     demo.set_defaults(func=cmd_demo)
@@ -216,8 +284,8 @@ def parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("reproduce", help="one experiment of the paper's §5")
     rep.add_argument("experiment", choices=list(EXPERIMENTS))
     rep.add_argument("--optimizers", default="lnb,adam", help="comma-separated (lnb,adam,sgd)")
-    rep.add_argument("--epochs", type=int, default=None, help="default: the experiment's")
-    rep.add_argument("--seed", type=int, default=0)
+    rep.add_argument("--epochs", type=positive_int, default=None, help="default: the experiment's")
+    rep.add_argument("--seed", type=seed_int, default=0)
     rep.add_argument("--out", default="results")
     rep.add_argument(
         "--dataset",
@@ -226,12 +294,17 @@ def parser() -> argparse.ArgumentParser:
         help="override the experiment's dataset",
     )
     rep.add_argument("--data-path", default=None, help="folder with the Fashion-MNIST IDX files")
-    rep.add_argument("--batch-size", type=int, default=None)
-    rep.add_argument("--n-train", type=int, default=None, help="random subset of the train set")
-    rep.add_argument("--n-test", type=int, default=None, help="random subset of the test set")
+    rep.add_argument("--batch-size", type=positive_int, default=None)
+    rep.add_argument(
+        "--n-train", type=positive_int, default=None, help="random subset of the train set"
+    )
+    rep.add_argument(
+        "--n-test", type=positive_int, default=None, help="random subset of the test set"
+    )
     rep.add_argument(
         "--lr",
         action="append",
+        type=learning_rate,
         metavar="OPT=VALUE",
         help="override a learning rate, e.g. --lr adam=3e-3 (repeatable)",
     )
@@ -242,7 +315,7 @@ def parser() -> argparse.ArgumentParser:
     )
     rep.add_argument(
         "--target",
-        type=float,
+        type=finite_float,
         default=None,
         help="test metric level for 'epochs to target' (default: the experiment's)",
     )
@@ -250,8 +323,8 @@ def parser() -> argparse.ArgumentParser:
     rep.set_defaults(func=cmd_reproduce)
 
     check = sub.add_parser("check", help="lnb_fast against lnb_ref on fresh random problems")
-    check.add_argument("--problems", type=int, default=20)
-    check.add_argument("--seed", type=int, default=None)
+    check.add_argument("--problems", type=positive_int, default=20)
+    check.add_argument("--seed", type=seed_int, default=None)
     check.add_argument("--quiet", action="store_true")
     check.set_defaults(func=cmd_check)
     return p
@@ -261,6 +334,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         return args.func(args)
-    except (UsageError, MissingDatasetError) as err:
+    except (UsageError, MissingDatasetError, DataError) as err:
         print(f"lnb: error: {err}", file=sys.stderr)
         return 2

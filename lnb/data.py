@@ -16,7 +16,9 @@ invariance (§5.2). Images are NHWC.
 from __future__ import annotations
 
 import gzip
+import math
 import os
+import zlib
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -34,6 +36,11 @@ NAMES = ("digits", "fashion-mnist", "shapes")
 
 class MissingDatasetError(FileNotFoundError):
     """An optional dataset is not installed; the message says how to get it."""
+
+
+class DataError(ValueError):
+    """A dataset file is unreadable or corrupt, or the data do not fit what was asked of them
+    (a batch larger than the training set); the message names the file or the sizes."""
 
 
 @dataclass(frozen=True)
@@ -99,17 +106,28 @@ def digits(seed: int = 0, test_fraction: float = 0.2) -> Dataset:
 
 
 def read_idx(path: Path) -> np.ndarray:
-    """An IDX file (the MNIST format; ``.gz`` or not) as a NumPy array."""
+    """An IDX file (the MNIST format; ``.gz`` or not) as a NumPy array.
+
+    Raises:
+        DataError: naming ``path`` if it cannot be read, is not gzip data (``.gz``), or is not
+            a complete IDX file of unsigned bytes.
+    """
+    path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        data = f.read()
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError, zlib.error) as err:  # unreadable, not gzip, truncated gzip
+        raise DataError(f"cannot read {path}: {err}") from None
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 8:
-        raise ValueError(f"{path} is not an IDX file of unsigned bytes")
+        raise DataError(f"{path} is not an IDX file of unsigned bytes")
     ndim = data[3]
+    if len(data) < 4 + 4 * ndim:
+        raise DataError(f"{path}: truncated IDX header ({len(data)} bytes for {ndim} dimensions)")
     shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     array = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
-    if array.size != int(np.prod(shape)):
-        raise ValueError(f"{path}: header says {shape} but holds {array.size} values")
+    if array.size != math.prod(shape):
+        raise DataError(f"{path}: header says {shape} but holds {array.size} values")
     return array.reshape(shape)
 
 
@@ -136,6 +154,15 @@ def fashion_mnist(path: str | os.PathLike | None = None) -> Dataset:
             "pass --data-path to a folder holding the four IDX files (.gz or not)."
         )
     arrays = {key: read_idx(p) for key, p in files.items()}
+    for split in ("train", "test"):
+        x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
+        if x.ndim != 3 or y.ndim != 1 or len(x) != len(y) or len(x) == 0:
+            raise DataError(
+                f"{files[f'x_{split}']} and {files[f'y_{split}']} are not images (n, H, W) and "
+                f"their n labels: shapes {x.shape} and {y.shape}"
+            )
+        if y.max() >= 10:
+            raise DataError(f"{files[f'y_{split}']}: label {int(y.max())} outside 0-9")
     scale = lambda x: (x.astype(np.float32) / 255.0)[..., None]  # noqa: E731
     return Dataset(
         "fashion-mnist",

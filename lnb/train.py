@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 import lnb_fast
 
-from .data import Dataset
+from .data import DataError, Dataset
 
 #: Optimizers ``lnb reproduce --optimizers`` accepts, with what their learning rate means.
 OPTIMIZERS = {
@@ -180,7 +180,7 @@ def train(
     compilation excluded; 0 for epoch 0), plus ``compile_seconds`` and ``steps_per_epoch``.
     """
     if batch_size > len(data.x_train):
-        raise ValueError(
+        raise DataError(
             f"batch size {batch_size} is larger than the training set ({len(data.x_train)})"
         )
     steps_per_epoch = len(data.x_train) // batch_size  # the remainder is dropped (fixed shapes)

@@ -10,20 +10,58 @@
 The neurons (dense, convolution, elementwise scale, their biases; additive embeddings and class
 tokens with the identity metric) are found in the traced loss function; see
 :func:`describe` for what was found.
+
+The names below are loaded on first use, so ``lnb_fast.xp`` (the array-API path) and
+``lnb_fast.errors`` import without JAX or optax; ``lnb_fast.lnb`` and the rest import them.
 """
 
-from .capture import Features, ValueAndGrad, value_and_grad
-from .describe import describe, format_table
-from .discovery import NeuronTable
-from .errors import DiscoveryError, LNBError, NonFiniteError, StructureError
-from .foof import FOOFState, foof
-from .locoprop import LocalState, locoprop_m, locoprop_s
-from .neuron import Neuron
-from .pcg import PCGResult, pcg
-from .proxprop import proxprop
-from .strategy import STRATEGIES
-from .tagging import tag_neuron
-from .transform import LNBState, lnb
+from __future__ import annotations
+
+import importlib
+import sys
+import types
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the eager imports, for type checkers and IDEs
+    from .capture import Features, ValueAndGrad, value_and_grad
+    from .describe import describe, format_table
+    from .discovery import NeuronTable
+    from .errors import DiscoveryError, LNBError, NonFiniteError, StructureError
+    from .foof import FOOFState, foof
+    from .locoprop import LocalState, locoprop_m, locoprop_s
+    from .neuron import Neuron
+    from .pcg import PCGResult, pcg
+    from .proxprop import proxprop
+    from .strategy import STRATEGIES
+    from .tagging import tag_neuron
+    from .transform import LNBState, lnb
+
+# public name -> the submodule that defines it
+_SOURCES = {
+    "Features": "capture",
+    "ValueAndGrad": "capture",
+    "value_and_grad": "capture",
+    "describe": "describe",
+    "format_table": "describe",
+    "NeuronTable": "discovery",
+    "DiscoveryError": "errors",
+    "LNBError": "errors",
+    "NonFiniteError": "errors",
+    "StructureError": "errors",
+    "FOOFState": "foof",
+    "foof": "foof",
+    "LocalState": "locoprop",
+    "locoprop_m": "locoprop",
+    "locoprop_s": "locoprop",
+    "Neuron": "neuron",
+    "PCGResult": "pcg",
+    "pcg": "pcg",
+    "proxprop": "proxprop",
+    "STRATEGIES": "strategy",
+    "tag_neuron": "tagging",
+    "LNBState": "transform",
+    "lnb": "transform",
+}
 
 __all__ = [
     "DiscoveryError",
@@ -50,3 +88,44 @@ __all__ = [
     "tag_neuron",
     "value_and_grad",
 ]
+
+
+def __getattr__(name: str):
+    source = _SOURCES.get(name)
+    if source is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    try:
+        module = importlib.import_module(f".{source}", __name__)
+    except ImportError as err:
+        if err.name is None or err.name.split(".")[0] not in ("jax", "jaxlib", "optax"):
+            raise
+        raise ImportError(
+            f"lnb_fast.{name} needs JAX and optax ({err}); install the `fast` extra "
+            "(pip install 'lnb[fast]'), or use lnb_fast.xp, which needs neither",
+            name=err.name,
+        ) from err
+    value = getattr(module, name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted({*globals(), *__all__})
+
+
+class _Package(types.ModuleType):
+    """Keeps ``lnb_fast.describe``, ``.foof`` and ``.pcg`` the functions, as the eager imports
+    had them: importing a submodule of the same name (``import lnb_fast.pcg``, or any module
+    doing ``from .pcg import pcg``) binds the submodule on its package; the function wins."""
+
+    def __setattr__(self, name: str, value) -> None:
+        if (
+            isinstance(value, types.ModuleType)
+            and value.__name__ == f"{self.__name__}.{name}"
+            and _SOURCES.get(name) == name
+        ):
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

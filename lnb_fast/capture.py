@@ -23,6 +23,7 @@ import jax
 from jax import lax
 from jax.extend.core import Literal
 
+from ._jax_compat import bind
 from .discovery import CUSTOM_CALLS, INLINE_CALLS, NeuronTable, resolve, sub_jaxpr, walk
 from .errors import DiscoveryError
 
@@ -157,7 +158,7 @@ def _evaluate(jaxpr, consts, args, path, sites, calls, captured):
             outs = _evaluate(inner, inner_consts, invals, here, sites, calls, captured)
         else:
             with eqn.ctx.manager:
-                outs = eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(eqn.params))
+                outs = bind(eqn.primitive, eqn.params, invals)
             if not eqn.primitive.multiple_results:
                 outs = [outs]
             if here in calls and name in CUSTOM_CALLS:

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 from jax.extend.core import Literal, jaxpr_as_fun
 
+from ._jax_compat import bind
 from .neuron import Neuron, Step
 
 #: Ops that are linear in their single traced operand and only move or convert entries.
@@ -332,7 +333,7 @@ def _core(eqn, p: int):
 
     def core(X, W):
         operands = (W, X) if p == 0 else (X, W)
-        return prim.bind(*operands, **prim.get_bind_params(params))
+        return bind(prim, params, operands)
 
     return core
 

@@ -31,6 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from ._jax_compat import bind
+
 Params = tuple  # (w,) or (w, b): the neuron's parameters, in the user's layouts
 
 
@@ -49,7 +51,7 @@ class Step:
     def __call__(self, value):
         ops = list(self.operands)
         ops[self.position] = value
-        out = self.primitive.bind(*ops, **self.primitive.get_bind_params(self.params))
+        out = bind(self.primitive, self.params, ops)
         return out[0] if self.primitive.multiple_results else out
 
 

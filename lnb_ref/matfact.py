@@ -31,8 +31,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import scipy.linalg
@@ -237,9 +240,35 @@ def compare(
     }
 
 
-def save_json(path, payload: dict) -> None:
+def write_text_atomic(path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same folder and
+    ``os.replace``: the file is either the previous one or the complete new one, never a
+    truncated mix, whatever interrupts the write (an exception, a kill, a full disk). The new
+    file gets the usual permissions (``0o666`` less the umask)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def save_json(path, payload: dict, indent: int = 1) -> None:
     """Write ``payload`` as JSON: numpy arrays become lists, numpy scalars Python numbers, and
-    non-finite floats (inf, nan) null."""
+    non-finite floats (inf, nan) null. The whole text is serialised before anything is written
+    and then written atomically (:func:`write_text_atomic`): a failure leaves the previous file
+    in place."""
 
     def clean(v):
         if isinstance(v, np.generic):
@@ -254,5 +283,4 @@ def save_json(path, payload: dict) -> None:
             return [clean(x) for x in v]
         return v
 
-    with open(path, "w") as fh:
-        json.dump(clean(payload), fh, indent=1)
+    write_text_atomic(path, json.dumps(clean(payload), indent=indent) + "\n")

@@ -1,10 +1,13 @@
-"""``python -m lnb_ref demo``: what ``make demo`` runs (smoke version: 30 steps)."""
+"""``python -m lnb_ref demo``: what ``make demo`` runs (smoke version: 30 steps); the ``lnb``
+command's argument and data-file validation (``lnb.cli.main``)."""
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 
+import numpy as np
 import pytest
 
 from lnb_ref.__main__ import main
@@ -48,3 +51,137 @@ def test_bad_arguments():
         main(["demo", "--steps", "0"])
     with pytest.raises(SystemExit):
         main(["train"])
+
+
+# --- lnb.cli: a bad flag value or data file is one line on stderr and exit code 2 ----------------
+@pytest.fixture
+def lnb_main():
+    pytest.importorskip("jax")
+    pytest.importorskip("sklearn")
+    from lnb.cli import main as lnb_cli_main
+
+    return lnb_cli_main
+
+
+@pytest.fixture
+def lnb_main_stubbed(lnb_main, monkeypatch):
+    """``lnb.cli.main`` with the experiment runner and ``lnb check``'s engine replaced by stubs
+    that fail the test: a rejected argument must stop the command before they run."""
+    import lnb.check
+    import lnb.experiments
+
+    def ran(*args, **kwargs):
+        raise AssertionError(f"the command ran with {args} {kwargs}")
+
+    monkeypatch.setattr(lnb.experiments, "run", ran)
+    monkeypatch.setattr(lnb.check, "run_check", ran)
+    return lnb_main
+
+
+def one_line_error(capsys, message) -> str:
+    """The last line of stderr, asserting it holds ``message`` and no traceback was printed."""
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert message in last, err
+    return last
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["reproduce", "mlp", "--epochs", "-1"], "argument --epochs: must be an integer >= 1"),
+        (["reproduce", "mlp", "--epochs", "0"], "argument --epochs: must be an integer >= 1"),
+        (["reproduce", "mlp", "--epochs", "2.5"], "argument --epochs: expected an integer"),
+        (["reproduce", "mlp", "--batch-size", "0"], "argument --batch-size: must be an integer"),
+        (["reproduce", "mlp", "--batch-size", "-5"], "argument --batch-size: must be an integer"),
+        (["reproduce", "mlp", "--n-test", "0"], "argument --n-test: must be an integer >= 1"),
+        (["reproduce", "mlp", "--n-train", "-5"], "argument --n-train: must be an integer >= 1"),
+        (["reproduce", "mlp", "--target", "nan"], "argument --target: must be a finite number"),
+        (["reproduce", "mlp", "--target", "inf"], "argument --target: must be a finite number"),
+        (["reproduce", "mlp", "--target", "x"], "argument --target: expected a number"),
+        (["reproduce", "mlp", "--lr", "lnb=abc"], "learning rate of lnb must be a number"),
+        (["reproduce", "mlp", "--lr", "lnb=-1"], "learning rate of lnb must be a finite number"),
+        (["reproduce", "mlp", "--lr", "adam=0"], "learning rate of adam must be a finite number"),
+        (["reproduce", "mlp", "--lr", "adam=nan"], "learning rate of adam must be a finite"),
+        (["reproduce", "mlp", "--lr", "adam"], "argument --lr: expected OPTIMIZER=VALUE"),
+        (["reproduce", "mlp", "--lr", "=0.1"], "argument --lr: expected OPTIMIZER=VALUE"),
+        (["reproduce", "mlp", "--seed", "-1"], "argument --seed: must be an integer >= 0"),
+        (["demo", "--epochs", "0"], "argument --epochs: must be an integer >= 1"),
+        (["check", "--problems", "-1"], "argument --problems: must be an integer >= 1"),
+        (["check", "--problems", "0"], "argument --problems: must be an integer >= 1"),
+        (["check", "--seed", "-3"], "argument --seed: must be an integer >= 0"),
+    ],
+)
+def test_bad_flag_values_exit_2_with_one_line(lnb_main_stubbed, capsys, tmp_path, argv, message):
+    out = ["--out", str(tmp_path)] if argv[0] != "check" else []
+    with pytest.raises(SystemExit) as exit_info:
+        lnb_main_stubbed([*argv, *out, "--quiet"])
+    assert exit_info.value.code == 2
+    one_line_error(capsys, message)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--lr", "rmsprop=1e-3"], "--lr: unknown optimizer 'rmsprop'; choose from lnb, adam"),
+        (["--batch-size", "10"], "--batch-size does not apply to matfact"),
+        (["--n-train", "10", "--n-test", "5"], "--n-train, --n-test do not apply to matfact"),
+    ],
+)
+def test_flags_the_experiment_cannot_use_exit_2(lnb_main_stubbed, capsys, tmp_path, argv, message):
+    argv = ["reproduce", "matfact", *argv, "--out", str(tmp_path), "--quiet"]
+    assert lnb_main_stubbed(argv) == 2
+    one_line_error(capsys, message)
+
+
+def _idx(a: np.ndarray) -> bytes:
+    head = bytes([0, 0, 8, a.ndim]) + b"".join(int(s).to_bytes(4, "big") for s in a.shape)
+    return head + a.tobytes()
+
+
+def _fashion_files(folder, gz: bool) -> dict:
+    """The four Fashion-MNIST IDX files (6 images each), gzipped or not; ``{key: path}``."""
+    images = np.arange(6 * 28 * 28, dtype=np.uint8).reshape(6, 28, 28)
+    labels = np.arange(6, dtype=np.uint8)
+    paths = {}
+    for key, stem, arr in (
+        ("x_train", "train-images-idx3-ubyte", images),
+        ("y_train", "train-labels-idx1-ubyte", labels),
+        ("x_test", "t10k-images-idx3-ubyte", images),
+        ("y_test", "t10k-labels-idx1-ubyte", labels),
+    ):
+        path = folder / (stem + (".gz" if gz else ""))
+        path.write_bytes(gzip.compress(_idx(arr)) if gz else _idx(arr))
+        paths[key] = path
+    return paths
+
+
+#: name: (gzipped?, which file, how it is corrupted, what the message says)
+CORRUPTIONS = {
+    "not idx": (False, "x_train", lambda b: b"not an idx file at all", "is not an IDX file"),
+    "truncated data": (False, "x_train", lambda b: b[:-100], "header says (6, 28, 28) but holds"),
+    "truncated header": (False, "x_test", lambda b: b[:9], "truncated IDX header"),
+    "not gzip": (True, "y_train", lambda b: b"plain bytes", "cannot read"),
+    "truncated gzip": (True, "x_test", lambda b: b[: len(b) // 2], "cannot read"),
+    "label count": (False, "y_test", lambda b: _idx(np.zeros(4, np.uint8)), "their n labels"),
+    "label range": (False, "y_train", lambda b: _idx(np.full(6, 200, np.uint8)), "label 200"),
+}
+
+
+@pytest.mark.parametrize("case", list(CORRUPTIONS))
+def test_corrupt_idx_file_is_one_line_naming_the_file(lnb_main, capsys, tmp_path, case):
+    gz, key, corrupt, message = CORRUPTIONS[case]
+    folder = tmp_path / "fashion"
+    folder.mkdir()
+    path = _fashion_files(folder, gz)[key]
+    path.write_bytes(corrupt(path.read_bytes()))
+    argv = ["reproduce", "mlp", "--dataset", "fashion-mnist", "--data-path", str(folder)]
+    assert lnb_main([*argv, "--out", str(tmp_path / "out"), "--quiet"]) == 2
+    assert str(path) in one_line_error(capsys, message)
+
+
+def test_batch_larger_than_the_training_set_exits_2(lnb_main, capsys, tmp_path):
+    argv = ["reproduce", "mlp", "--n-train", "40", "--batch-size", "50", "--epochs", "1"]
+    assert lnb_main([*argv, "--out", str(tmp_path), "--quiet"]) == 2
+    one_line_error(capsys, "batch size 50 is larger than the training set (40)")

@@ -504,3 +504,47 @@ def test_discovery_descends_into_jit_remat_and_custom_vjp():
     np.testing.assert_allclose(results[0][0], results[1][0], rtol=1e-12)
     for a, b in zip(jax.tree.leaves(results[0][1]), jax.tree.leaves(results[1][1]), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-10)
+
+
+# --- JAX versions ---------------------------------------------------------------------------------
+class _PairBindParams:
+    """A primitive as JAX < 0.9.2 has it: ``get_bind_params`` returns ``(subfuns, params)``."""
+
+    def __init__(self, primitive, subfuns=()):
+        self._primitive, self._subfuns, self.calls = primitive, list(subfuns), []
+
+    def __getattr__(self, name):
+        return getattr(self._primitive, name)
+
+    def get_bind_params(self, params):
+        return self._subfuns, dict(params)
+
+    def bind(self, *args, **params):
+        self.calls.append(args[: len(self._subfuns)])
+        return self._primitive.bind(*args[len(self._subfuns) :], **params)
+
+
+def test_replays_primitives_with_either_get_bind_params_convention():
+    """jax 0.9.1 returns a pair from ``Primitive.get_bind_params``, jax >= 0.9.2 the params:
+    the chain replay, the neuron core and the capturing interpreter bind correctly with both."""
+    from lnb_fast import _jax_compat, capture, discovery, neuron
+
+    x, w = jnp.arange(12.0).reshape(3, 4), jnp.arange(8.0).reshape(4, 2) / 7
+    step = neuron.Step(_PairBindParams(lax.transpose_p), {"permutation": (1, 0)}, (None,), 0)
+    np.testing.assert_array_equal(step(x), x.T)
+
+    closed = jax.make_jaxpr(lambda x, w: jnp.tanh(x @ w).sum())(x, w)
+    dot = closed.jaxpr.eqns[0]
+    old_dot = dot.replace(primitive=_PairBindParams(dot.primitive))
+    np.testing.assert_allclose(discovery._core(old_dot, 1)(x, w), x @ w, rtol=1e-12)
+
+    old = closed.jaxpr.replace(
+        eqns=[e.replace(primitive=_PairBindParams(e.primitive)) for e in closed.jaxpr.eqns]
+    )
+    (out,) = capture._evaluate(old, closed.consts, [x, w], (), {}, set(), {})
+    np.testing.assert_allclose(out, jnp.tanh(x @ w).sum(), rtol=1e-12)
+
+    # the subfunctions of the pair go before the operands
+    with_subfun = _PairBindParams(lax.neg_p, subfuns=["f"])
+    np.testing.assert_array_equal(_jax_compat.bind(with_subfun, {}, [x]), -x)
+    assert with_subfun.calls == [("f",)]

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
+import stat
+
 import numpy as np
 import pytest
 import scipy.linalg
@@ -14,6 +18,7 @@ from lnb_ref.matfact import (
     MatrixFactorization,
     compare,
     run,
+    save_json,
     steps_to_reach,
 )
 
@@ -111,3 +116,48 @@ def test_fig1_claim_seed0():
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_fig1_claim_other_seeds(seed):
     check_fig1_claim(seed)
+
+
+# --- results files ------------------------------------------------------------------------------
+@pytest.fixture
+def previous(tmp_path):
+    path = tmp_path / "results.json"
+    save_json(path, {"runs": [1.0, 2.0], "seed": np.int64(3)})
+    return path, path.read_bytes()
+
+
+def test_save_json_round_trips_with_the_usual_permissions(previous):
+    path, _ = previous
+    save_json(path, {"curve": np.array([0.5, np.nan]), "best": np.float32(0.25)})
+    assert json.loads(path.read_text()) == {"curve": [0.5, None], "best": 0.25}
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
+    assert sorted(p.name for p in path.parent.iterdir()) == ["results.json"]
+
+
+def test_a_failure_while_serialising_leaves_the_previous_results(previous):
+    """An object JSON cannot hold, deep in the payload, fails after part of it was serialised:
+    the previous file stays as it was (not truncated) and no temporary file is left behind."""
+    path, before = previous
+    with pytest.raises(TypeError, match="not JSON serializable"):
+        save_json(path, {"runs": [4.0, 5.0], "z": {"config": object()}})
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in path.parent.iterdir()) == ["results.json"]
+
+
+def test_an_interrupted_write_leaves_the_previous_results(previous, monkeypatch):
+    """A write cut short (here: the disk fills up after the first chunk) never replaces the
+    previous file."""
+    path, before = previous
+    real_fsync = os.fsync
+
+    def disk_full(fd):
+        real_fsync(fd)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        save_json(path, {"runs": list(range(10_000))})
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in path.parent.iterdir()) == ["results.json"]

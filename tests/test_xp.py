@@ -19,8 +19,10 @@ from __future__ import annotations
 import ast
 import json
 import math
+import os
 import re
 import runpy
+import subprocess
 import sys
 from pathlib import Path
 
@@ -33,6 +35,7 @@ from hypothesis import strategies as st
 import lnb_ref
 from lnb.testing import correlated_features
 from lnb_fast import xp as lnbxp
+from lnb_fast.errors import StructureError
 from lnb_ref import metric as ref_metric
 from lnb_ref import solvers as ref_solvers
 
@@ -310,7 +313,8 @@ def test_float32_stays_float32():
 
 
 def test_xp_package_imports_neither_jax_nor_lnb_ref():
-    """A CuPy user may not have JAX: nothing under lnb_fast/xp/ imports it (or the oracle)."""
+    """A CuPy user may not have JAX: nothing under lnb_fast/xp/ imports it (or the oracle);
+    outside the subpackage it imports only ``lnb_fast.errors`` (JAX-free, the shared classes)."""
     for path in (ROOT / "lnb_fast" / "xp").glob("*.py"):
         tree = ast.parse(path.read_text())
         for node in ast.walk(tree):
@@ -319,10 +323,106 @@ def test_xp_package_imports_neither_jax_nor_lnb_ref():
                 names = [a.name for a in node.names]
             elif isinstance(node, ast.ImportFrom) and node.level == 0:
                 names = [node.module or ""]
+            elif isinstance(node, ast.ImportFrom) and node.level == 2:
+                names = [f"lnb_fast.{node.module or ''}"]
             for name in names:
                 top = name.split(".")[0]
                 assert top not in {"jax", "jaxlib", "lnb_ref", "optax", "scipy"}, (path, name)
-                assert not name.startswith("lnb_fast") or name.startswith("lnb_fast.xp"), name
+                assert (
+                    not name.startswith("lnb_fast")
+                    or name.startswith("lnb_fast.xp")
+                    or name == "lnb_fast.errors"
+                ), name
+
+
+_WITHOUT_JAX = """
+import sys
+
+class _NoJax:  # as if JAX and optax were not installed
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("jax", "jaxlib", "optax"):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+sys.meta_path.insert(0, _NoJax())
+
+import numpy as np
+import lnb_fast.xp as lnbxp
+from lnb_fast.errors import LNBError, StructureError
+
+d = lnbxp.Dense(3, 2, bias=True, name="d")
+rng = np.random.default_rng(0)
+params, grads = [rng.normal(size=(2, 4))], [rng.normal(size=(2, 4))]
+opt = lnbxp.OnlineLNB([d], 1e-2, ridge=1e-3)
+new, state, info = opt.step(params, grads, [rng.normal(size=(5, 3))], opt.init(params))
+assert new[0].shape == (2, 4) and state["t"] == 1 and float(info.z) > 0
+assert not np.allclose(new[0], params[0])
+try:
+    opt.step(params, grads, [np.zeros((5, 7))], state)
+except StructureError as err:
+    assert "'d': input has shape (5, 7)" in str(err), err
+else:
+    raise AssertionError("no StructureError for a wrong feature shape")
+import lnb_fast
+assert lnb_fast.LNBError is LNBError
+try:
+    lnb_fast.lnb
+except ImportError as err:
+    assert "needs JAX and optax" in str(err) and "lnb_fast.xp" in str(err), err
+else:
+    raise AssertionError("lnb_fast.lnb imported without JAX")
+leaked = sorted(m for m in sys.modules if m.split(".")[0] in ("jax", "jaxlib", "optax"))
+assert not leaked, leaked
+print("ok")
+"""
+
+
+def test_xp_runs_without_jax_installed():
+    """``lnb_fast.xp`` (and ``lnb_fast.errors``) import and take a NumPy step when JAX and
+    optax cannot be imported; ``lnb_fast.lnb`` then says what is missing."""
+    result = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_JAX],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
+
+
+def test_shape_errors_are_the_jax_backends_classes():
+    """A gradient or input of the wrong shape is a ``StructureError`` as in the JAX optimizers
+    (still a ValueError, as before)."""
+    d = lnbxp.Dense(3, 2, bias=True, name="d")
+    opt = lnbxp.OnlineLNB([d], 1e-2)
+    state = opt.init([np.zeros((2, 4))])
+    with pytest.raises(StructureError, match=r"'d': gradient has shape \(2, 3\)"):
+        opt.step([np.zeros((2, 4))], [np.zeros((2, 3))], [np.zeros((5, 3))], state)
+    with pytest.raises(StructureError, match="'c': input has shape"):
+        lnbxp.Conv2d(2, 3, 3, name="c").n_samples(np.zeros((1, 4, 5, 5)))
+
+
+def test_lazy_names_are_the_objects_not_their_submodules():
+    """``lnb_fast.pcg``/``describe``/``foof`` stay the functions even when their submodules were
+    imported first (a lazily loaded package would otherwise expose the submodule)."""
+    code = (
+        "import types, lnb_fast.transform, lnb_fast.describe, lnb_fast.foof\n"
+        "import lnb_fast\n"
+        "from lnb_fast import describe, foof, lnb, pcg, value_and_grad\n"
+        "for f in (describe, foof, lnb, pcg, value_and_grad, lnb_fast.pcg, lnb_fast.describe):\n"
+        "    assert callable(f) and not isinstance(f, types.ModuleType), f\n"
+        "assert lnb_fast.lnb is lnb and set(lnb_fast.__all__) <= set(dir(lnb_fast))\n"
+        "assert all(getattr(lnb_fast, n) is not None for n in lnb_fast.__all__)\n"
+        "print('ok')\n"
+    )
+    pytest.importorskip("jax")
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
 
 
 # --- the docs page's example and the benchmark's quick mode -----------------------------------

@@ -12,8 +12,10 @@ Parameters are laid out as in :mod:`lnb_ref` (θ of shape ``(K, D)``, bias last)
     state = opt.init(params)
     params, state, info = opt.step(params, grads, features, state)
 
-Nothing in this subpackage imports JAX or :mod:`lnb_ref` (importing it does run
-``lnb_fast/__init__``, which imports JAX: JAX is a dependency of the ``fast`` extra).
+Nothing in this subpackage imports JAX, optax or :mod:`lnb_ref`, and ``lnb_fast/__init__``
+loads its JAX names lazily, so ``lnb_fast.xp`` works without the ``fast`` extra. Shape
+mismatches raise :class:`lnb_fast.errors.StructureError` (a ``ValueError``), the class the JAX
+optimizers raise.
 """
 
 from .metric import design_moments, metric_matvec, metric_operator, row_metric

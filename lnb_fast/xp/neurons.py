@@ -28,6 +28,7 @@ import math
 from dataclasses import dataclass
 from numbers import Integral
 
+from ..errors import StructureError
 from . import _compat
 from ._compat import Array
 
@@ -90,9 +91,10 @@ class Neuron:
         return self.theta_shape[1] - int(self.bias)
 
     def check_theta(self, what: str, theta: Array) -> None:
-        """ValueError naming the neuron if ``theta`` is not of :attr:`theta_shape`."""
+        """:class:`~lnb_fast.errors.StructureError` (a ValueError) naming the neuron if ``theta``
+        is not of :attr:`theta_shape`."""
         if tuple(theta.shape) != self.theta_shape:
-            raise ValueError(
+            raise StructureError(
                 f"neuron {self.name!r}: {what} has shape {tuple(theta.shape)}, "
                 f"expected {self.theta_shape} (rows = outputs, bias last)"
             )
@@ -135,9 +137,9 @@ class Dense(Neuron):
         return (self.d_out, self.d_in + int(self.bias))
 
     def check_input(self, X: Array) -> None:
-        """ValueError naming the neuron unless ``X`` has shape ``(..., d_in)``."""
+        """StructureError naming the neuron unless ``X`` has shape ``(..., d_in)``."""
         if X.ndim < 2 or X.shape[-1] != self.d_in:
-            raise ValueError(
+            raise StructureError(
                 f"neuron {self.name!r}: input has shape {tuple(X.shape)}, "
                 f"expected (..., {self.d_in})"
             )
@@ -206,15 +208,16 @@ class Conv2d(Neuron):
         return ho, wo
 
     def check_input(self, X: Array) -> None:
-        """ValueError naming the neuron unless ``X`` is ``(n, c_in, h, w)`` and large enough."""
+        """StructureError naming the neuron unless ``X`` is ``(n, c_in, h, w)`` and large
+        enough."""
         if X.ndim != 4 or X.shape[1] != self.c_in:
-            raise ValueError(
+            raise StructureError(
                 f"neuron {self.name!r}: input has shape {tuple(X.shape)}, "
                 f"expected (batch, {self.c_in}, height, width)"
             )
         ho, wo = self.output_hw(X.shape[2], X.shape[3])
         if ho < 1 or wo < 1:
-            raise ValueError(
+            raise StructureError(
                 f"neuron {self.name!r}: input of spatial size {tuple(X.shape[2:])} is too small "
                 f"for this kernel/stride/padding/dilation"
             )
