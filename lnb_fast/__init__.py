@@ -26,11 +26,18 @@ if TYPE_CHECKING:  # the eager imports, for type checkers and IDEs
     from .capture import Features, ValueAndGrad, value_and_grad
     from .describe import describe, format_table
     from .discovery import NeuronTable
-    from .errors import DiscoveryError, LNBError, NonFiniteError, StructureError
+    from .errors import (
+        CompositionError,
+        DiscoveryError,
+        LNBError,
+        NonFiniteError,
+        StructureError,
+    )
     from .foof import FOOFState, foof
     from .locoprop import LocalState, locoprop_m, locoprop_s
     from .neuron import Neuron
     from .pcg import PCGResult, pcg
+    from .plumbing import check_finite
     from .proxprop import proxprop
     from .strategy import STRATEGIES
     from .tagging import tag_neuron
@@ -44,6 +51,7 @@ _SOURCES = {
     "describe": "describe",
     "format_table": "describe",
     "NeuronTable": "discovery",
+    "CompositionError": "errors",
     "DiscoveryError": "errors",
     "LNBError": "errors",
     "NonFiniteError": "errors",
@@ -56,6 +64,7 @@ _SOURCES = {
     "Neuron": "neuron",
     "PCGResult": "pcg",
     "pcg": "pcg",
+    "check_finite": "plumbing",
     "proxprop": "proxprop",
     "STRATEGIES": "strategy",
     "tag_neuron": "tagging",
@@ -64,6 +73,7 @@ _SOURCES = {
 }
 
 __all__ = [
+    "CompositionError",
     "DiscoveryError",
     "FOOFState",
     "Features",
@@ -77,6 +87,7 @@ __all__ = [
     "STRATEGIES",
     "StructureError",
     "ValueAndGrad",
+    "check_finite",
     "describe",
     "foof",
     "format_table",

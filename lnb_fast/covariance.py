@@ -305,6 +305,8 @@ def damped_inverse(layout: GramLayout, A, ridge, relative: bool = False):
     matrix product is one GEMM (fast on every accelerator) where ``cho_solve`` is two
     triangular solves (sequential, slow on GPUs). A is symmetric positive definite (γ > 0,
     or a full-rank design), so the inverse is as accurate as the solve to ``κ·eps``."""
+    stored = A.dtype
+    A = A.astype(jnp.promote_types(stored, jnp.float32))  # no Cholesky in bf16/f16
     if relative:
         ridge = relative_ridge(
             *moments_of_augmented(layout, A), ridge, layout.bias_index is not None
@@ -321,12 +323,12 @@ def damped_inverse(layout: GramLayout, A, ridge, relative: bool = False):
     )(M, eye)
     inv = (inv + jnp.swapaxes(inv, -1, -2)) / 2
     if not bias:
-        return inv
+        return inv.astype(stored)
     u = jnp.einsum("gij,gj->gi", inv, mu) / a  # S⁻¹μ/a
     corner = 1 / a + jnp.sum(mu * u, axis=1, keepdims=True) / a
     top = jnp.concatenate([inv, -u[:, :, None]], axis=2)
     bottom = jnp.concatenate([-u, corner], axis=1)[:, None, :]
-    return jnp.concatenate([top, bottom], axis=1)
+    return jnp.concatenate([top, bottom], axis=1).astype(stored)
 
 
 def apply_inverse(layout: GramLayout, inverse, g):
@@ -357,10 +359,11 @@ def ema_inverse_step(
     step (0 first: the first step updates and refreshes)."""
 
     def update():
-        C, mu = gram(layout, X, n_samples)
+        # the Gram in the EMA's precision (float32 at least: bf16 features are widened first)
+        C, mu = gram(layout, jax.tree.map(lambda x: x.astype(A_old.dtype), X), n_samples)
         return b2 * A_old + (1 - b2) * augmented(layout, C, mu).astype(A_old.dtype)
 
-    if covariance_every == 1:
+    if isinstance(covariance_every, int) and covariance_every == 1:
         A = update()
     else:
         A = lax.cond(count % covariance_every == 0, update, lambda: A_old)
@@ -402,4 +405,5 @@ def covariance_direction(
         covariance_every,
         relative,
     )
-    return (A, inv), apply_inverse(layout, inv, g)
+    direction = apply_inverse(layout, inv, g)
+    return (A, inv), tuple(d.astype(x.dtype) for d, x in zip(direction, g, strict=True))
