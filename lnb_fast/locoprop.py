@@ -50,7 +50,6 @@ from .plumbing import (
     NonFiniteRecord,
     active_neurons,
     check_rate,
-    concrete,
     nonfinite_option,
     rate_at,
     refuse_multisteps,
@@ -213,7 +212,7 @@ def _check_args(learning_rate, proximity, inner_steps, inner_learning_rate) -> i
     check_rate("proximity", proximity, schedule_ok=False)
     inner_steps = static_int("inner_steps", 5 if inner_steps is None else inner_steps)
     if inner_learning_rate != "auto":
-        v = concrete(inner_learning_rate)
+        v = inner_learning_rate if isinstance(inner_learning_rate, int | float) else None
         if isinstance(inner_learning_rate, str) or (v is not None and not v > 0):
             raise ValueError(
                 "inner_learning_rate must be 'auto' or a positive number, got "

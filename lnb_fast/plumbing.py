@@ -1,8 +1,8 @@
 """What every transformation of lnb_fast shares to be an ordinary optax citizen.
 
 * **Hyperparameters that may be traced.** ``optax.inject_hyperparams`` calls the factory again
-  inside ``update`` with every numeric argument as a (traced) array, so arguments are validated
-  only when they are concrete (:func:`concrete`, :func:`check_rate`); the few that fix the shape
+  (and ``init``) with every numeric argument as an array, traced in ``update``, so values are
+  validated only when they are Python numbers (:func:`check_rate`); the few that fix the shape
   of the computation (PCG iterations, inner steps) must stay Python integers
   (:func:`static_int`).
 * **Masked trees.** ``optax.masked`` and ``optax.partition`` hand the inner transformation
@@ -50,13 +50,15 @@ def concrete(value) -> float | None:
 
 
 def check_rate(name: str, value, *, positive: bool = False, schedule_ok: bool = True) -> None:
-    """A clear ``ValueError`` for a concrete ``value`` that is NaN, infinite or negative (or 0
-    with ``positive``); a schedule (callable) or a traced value passes."""
+    """A clear ``ValueError`` for a Python number ``value`` that is NaN, infinite or negative
+    (or 0 with ``positive``). Arrays pass, concrete or traced: ``inject_hyperparams`` builds the
+    transformation from arrays (a schedule's value at step 0, which may well be 0), and a
+    schedule (callable) is checked step by step in the graph."""
     if schedule_ok and callable(value):
         return
-    v = concrete(value)
-    if v is None:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
         return
+    v = float(value)
     if not math.isfinite(v) or v < 0 or (positive and v == 0):
         need = "a finite positive number" if positive else "a finite number >= 0"
         raise ValueError(
@@ -65,10 +67,11 @@ def check_rate(name: str, value, *, positive: bool = False, schedule_ok: bool = 
 
 
 def check_interval(name: str, value, low: float, high: float, high_open: bool = False) -> None:
-    """``low <= value <= high`` (``< high`` with ``high_open``) when ``value`` is concrete."""
-    v = concrete(value)
-    if v is None:
+    """``low <= value <= high`` (``< high`` with ``high_open``) for a Python number (arrays
+    pass, as in :func:`check_rate`)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
         return
+    v = float(value)
     if not (low <= v and (v < high if high_open else v <= high)):
         bracket = ")" if high_open else "]"
         raise ValueError(f"{name} must lie in [{low}, {high}{bracket}, got {value!r}")

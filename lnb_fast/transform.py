@@ -207,9 +207,9 @@ def lnb(
             by PCG from 0 (which descends: ``θ̂ · ĝ = θ̂ᵀ(M + γ)θ̂``); 0 restarts only directions
             that point uphill. ``LNBState.restarts`` counts them.
 
-    Numbers are validated when they are concrete (a traced value from ``inject_hyperparams``
-    passes through): a negative, NaN or infinite ``learning_rate``, ``weight_decay``, ``ridge``
-    or ``z0`` is a ``ValueError`` here; a schedule that returns None is a ``TypeError`` naming
+    Python numbers are validated here (arrays, which ``inject_hyperparams`` passes, go through):
+    a negative, NaN or infinite ``learning_rate``, ``weight_decay``, ``ridge`` or ``z0`` is a
+    ``ValueError``; a schedule that returns None is a ``TypeError`` naming
     it, one that returns NaN or a negative value is a non-finite step (above).
     """
     check_interval("b1", b1, 0.0, 1.0, high_open=True)
