@@ -32,7 +32,6 @@ from .plumbing import (
     FEATURES,
     GRADIENT,
     RATE,
-    UPDATE,
     Aligned,
     Guard,
     NonFiniteRecord,
@@ -132,23 +131,28 @@ def foof(
         g = Aligned(grads, table, "gradients")
         g_leaves = g.leaves
         present = [i for i, x in enumerate(g_leaves) if x is not None]
-        guard = Guard(nonfinite, "foof", rate_label)
+        guard = Guard(nonfinite, "foof", rate_label, table)
         for i in present:
             guard.add(GRADIENT, i, g_leaves[i])
-
-        t = state.count + 1
-        dtype = jnp.result_type(*[g_leaves[i] for i in present]) if present else jnp.float32
-        directions = list(g_leaves)
-        cov = list(state.covariance)
         # This trace's layouts (they know its batch's n_i; `neurons` may be another batch size).
         active = active_neurons(table, g.present)
         step_layouts = design_layouts(active)
+        for neuron, X, layout in zip(active, features.values, step_layouts, strict=True):
+            if layout is not None:
+                guard.add(FEATURES, neuron.weight, X)
+        t = state.count + 1
+        dtype = jnp.result_type(*[g_leaves[i] for i in present]) if present else jnp.float32
+        lr = rate_at(schedule, rate_label, state.count, _wide(dtype))
+        guard.add(RATE, -1, lr)
+        ok = guard.inputs_ok()  # gates the covariance matrices where they are computed
+
+        directions = list(g_leaves)
+        cov = list(state.covariance)
         for j, (neuron, X, layout) in enumerate(
             zip(active, features.values, step_layouts, strict=True)
         ):
             if layout is None:
                 continue
-            guard.add(FEATURES, neuron.weight, X)
             cov[j], d = covariance_direction(
                 layout,
                 neuron,
@@ -160,16 +164,14 @@ def foof(
                 refresh_every,
                 covariance_every,
                 neuron.params_of(g_leaves),
+                ok=ok,
             )
             neuron.put_params(directions, d)
-        lr = rate_at(schedule, rate_label, state.count, _wide(dtype))
-        guard.add(RATE, -1, lr)
         updates = [None] * len(g_leaves)
         for i in present:
             updates[i] = (-lr * directions[i]).astype(g_leaves[i].dtype)
-            guard.add(UPDATE, i, updates[i])
         new_state = FOOFState(t, tuple(cov), state.skipped, state.nonfinite)
         new_state = jax.tree.map(lambda n, o: jnp.asarray(n, o.dtype), new_state, state)
-        return guard.finish(g.rebuild(updates), new_state, state, t, table)
+        return guard.finish(g.rebuild(updates), new_state, state, t, table, gated=["covariance"])
 
     return optax.GradientTransformationExtraArgs(init, update)

@@ -44,7 +44,6 @@ from .plumbing import (
     FEATURES,
     GRADIENT,
     RATE,
-    UPDATE,
     Aligned,
     Guard,
     NonFiniteRecord,
@@ -183,24 +182,27 @@ def local_transformation(
         g_leaves = g.leaves
         p_leaves = Aligned(params, table, "parameters").leaves
         present = [i for i, x in enumerate(g_leaves) if x is not None]
-        guard = Guard(nonfinite, name, rate_label)
+        guard = Guard(nonfinite, name, rate_label, table)
         for i in present:
             guard.add(GRADIENT, i, g_leaves[i])
 
+        active = active_neurons(table, g.present)
+        for neuron, X in zip(active, features.values, strict=True):
+            if neuron is not None:
+                guard.add(FEATURES, neuron.weight, X)
         dtype = jnp.result_type(*[g_leaves[i] for i in present]) if present else jnp.float32
         eta = rate_at(schedule, rate_label, state.count, dtype)
+        guard.add(RATE, -1, eta)
+        guard.inputs_ok()
         # identity metric unless a neuron says otherwise
         updates = [None if x is None else -eta * x for x in g_leaves]
-        for neuron, X in zip(active_neurons(table, g.present), features.values, strict=True):
+        for neuron, X in zip(active, features.values, strict=True):
             if neuron is None:
                 continue
-            guard.add(FEATURES, neuron.weight, X)
             theta, grad = neuron.params_of(p_leaves), neuron.params_of(g_leaves)
             neuron.put_params(updates, per_neuron(neuron, X, theta, grad, eta))
-        guard.add(RATE, -1, eta)
         for i in present:
             updates[i] = updates[i].astype(g_leaves[i].dtype)
-            guard.add(UPDATE, i, updates[i])
         new_state = LocalState(state.count + 1, state.skipped, state.nonfinite)
         return guard.finish(g.rebuild(updates), new_state, state, state.count + 1, table)
 

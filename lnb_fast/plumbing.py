@@ -264,7 +264,7 @@ class ActiveTable:
 # --- non-finite values -------------------------------------------------------------------------
 
 #: What ``NonFiniteRecord.code[0]`` says was not finite.
-NONE, GRADIENT, FEATURES, RATE, UPDATE = range(5)
+NONE, GRADIENT, FEATURES, RATE, STEP = range(5)
 
 
 @jax.tree_util.register_pytree_node_class
@@ -272,8 +272,9 @@ class NonFiniteRecord:
     """The first non-finite value the transformation met, recorded in the graph (no host
     round trip): ``code = [kind, leaf, step]`` (int32), ``kind`` one of ``0`` (none yet),
     ``1`` a gradient, ``2`` a neuron's input features (``leaf``: its weight), ``3`` the
-    learning rate (NaN, Inf or negative), ``4`` the update computed for ``leaf``; ``step`` is the
-    1-based step. ``rate`` names the learning rate (its schedule) for the message: static."""
+    learning rate (NaN, Inf or negative), ``4`` LNB's step norm ``z`` (from finite inputs);
+    ``step`` is the step count the step would have had (1-based). ``rate`` names the learning
+    rate (its schedule) for the message: static data of the PyTree."""
 
     def __init__(self, code, rate: str = "learning_rate"):
         self.code = code
@@ -308,15 +309,24 @@ def _all_finite(tree):
 
 
 class Guard:
-    """Collects one flag per thing that must be finite, then decides for a step: with
-    ``"skip"`` a non-finite step gives zero updates and keeps the state (``skipped`` + 1, the
-    record set if empty); with ``"raise"`` it raises :class:`NonFiniteError` at once (eager
-    calls only); with None nothing is checked."""
+    """Collects one flag per thing that must be finite and decides for a step.
 
-    def __init__(self, mode: str | None, name: str, rate_label: str):
-        self.mode, self.name, self.rate_label = mode, name, rate_label
+    The *inputs* (gradients, features, the learning rate) are added first and
+    :meth:`inputs_ok` gives their verdict before the step is computed, so that the state can be
+    gated where it is produced (XLA fuses the select into the producer: no extra pass over the
+    state; the covariance matrices are gated through their ``lax.cond``). Outputs (LNB's step
+    norm ``z``) may be added after. :meth:`finish` then, with ``"skip"``: zero updates unless
+    everything is finite; the state as it was unless the inputs are (a non-finite ``z`` from
+    finite inputs zeroes the update but keeps the step's finite EMAs); ``skipped`` + 1 and the
+    first offender recorded. ``"raise"``: :class:`NonFiniteError` at once (eager calls only).
+    None: nothing is checked."""
+
+    def __init__(self, mode: str | None, name: str, rate_label: str, table=None):
+        self.mode, self.name, self.rate_label, self.table = mode, name, rate_label, table
         self.flags: list = []
         self.kinds: list[tuple[int, int]] = []
+        self._ok_in = None
+        self._checked = 0  # flags already raised on ("raise")
 
     def add(self, kind: int, leaf: int, value) -> None:
         if self.mode is None:
@@ -328,29 +338,47 @@ class Guard:
         self.flags.append(bad)
         self.kinds.append((kind, leaf))
 
-    def finish(self, updates_tree, new_state, state, count, table):
-        """``(updates, new_state)`` after the check (module docstring)."""
+    def inputs_ok(self):
+        """True where the inputs added so far are finite (a scalar), None without a check."""
+        if self.mode is None or not self.flags:
+            return None
+        flags = jnp.stack(self.flags)
+        if self.mode == "raise":
+            self._raise(flags, self.table)
+            return None
+        self._ok_in = ~jnp.any(flags)
+        return self._ok_in
+
+    def _raise(self, flags, table) -> None:
+        if isinstance(flags, jax.core.Tracer):
+            raise ValueError(
+                f"lnb_fast.{self.name}(nonfinite='raise') raises NonFiniteError only on eager "
+                "(un-jitted) updates: from inside jit, vmap or scan it would need a host "
+                "round trip every step. Use nonfinite='skip' (the default: the step is "
+                "skipped in the graph and recorded) and call "
+                "lnb_fast.check_finite(opt_state, params) on the host when you want the error"
+            )
+        bad = np.flatnonzero(np.asarray(flags))
+        if bad.size:
+            paths = getattr(table, "paths", None)
+            names = [describe(*self.kinds[i], paths, self.rate_label, None) for i in bad]
+            raise NonFiniteError(
+                "NaN or Inf in " + "; ".join(names) + ". Refusing to take the step (the "
+                "default nonfinite='skip' skips such steps instead)"
+            )
+        self._checked = len(flags)
+
+    def finish(self, updates_tree, new_state, state, count, table, gated=()):
+        """``(updates, new_state)`` after the check (class docstring); the state fields named in
+        ``gated`` were gated by :meth:`inputs_ok` where they were computed."""
         if self.mode is None or not self.flags:
             return updates_tree, new_state
         flags = jnp.stack(self.flags)
         if self.mode == "raise":
-            if isinstance(flags, jax.core.Tracer):
-                raise ValueError(
-                    f"lnb_fast.{self.name}(nonfinite='raise') raises NonFiniteError only on eager "
-                    "(un-jitted) updates: from inside jit, vmap or scan it would need a host "
-                    "round trip every step. Use nonfinite='skip' (the default: the step is "
-                    "skipped in the graph and recorded) and call "
-                    "lnb_fast.check_finite(opt_state, params) on the host when you want the error"
-                )
-            bad = np.flatnonzero(np.asarray(flags))
-            if bad.size:
-                names = [describe(*self.kinds[i], table.paths, self.rate_label, None) for i in bad]
-                raise NonFiniteError(
-                    "NaN or Inf in " + "; ".join(names) + ". Refusing to take the step (the "
-                    "default nonfinite='skip' skips such steps instead)"
-                )
+            self._raise(flags, table)
             return updates_tree, new_state
         ok = ~jnp.any(flags)
+        ok_in = ok if self._ok_in is None else self._ok_in
         first = jnp.argmax(flags)
         kinds = jnp.asarray(np.array([k for k, _ in self.kinds], np.int32))
         leaves = jnp.asarray(np.array([i for _, i in self.kinds], np.int32))
@@ -358,8 +386,14 @@ class Guard:
         old = state.nonfinite.code
         record = jnp.where((old[0] == NONE) & ~ok, code, old)
         updates_tree = jax.tree.map(lambda u: jnp.where(ok, u, jnp.zeros_like(u)), updates_tree)
-        new_state = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new_state, state)
+        kept = {name: getattr(new_state, name) for name in gated}
+        new_state = jax.tree.map(
+            lambda n, o: jnp.where(ok_in, n, o),
+            new_state._replace(**{name: None for name in gated}),
+            state._replace(**{name: None for name in gated}),
+        )
         return updates_tree, new_state._replace(
+            **kept,
             skipped=state.skipped + (~ok).astype(jnp.int32),
             nonfinite=NonFiniteRecord(record, state.nonfinite.rate),
         )
@@ -375,8 +409,8 @@ def describe(kind: int, leaf: int, paths, rate: str, step) -> str:
         return f"the input features of the neuron of {name}{where}"
     if kind == RATE:
         return f"the {rate}{where} (NaN, Inf or negative)"
-    if kind == UPDATE:
-        return f"the update computed for parameter {name}{where} (from finite inputs)"
+    if kind == STEP:
+        return f"the step's norm z{where} (from finite inputs: the solve overflowed)"
     return f"an unknown kind {kind}{where}"
 
 

@@ -57,7 +57,7 @@ from .plumbing import (
     FEATURES,
     GRADIENT,
     RATE,
-    UPDATE,
+    STEP,
     Aligned,
     Guard,
     NonFiniteRecord,
@@ -324,9 +324,12 @@ def lnb(
         active = active_neurons(table, g.present)
         step_choices = plan_active(table, active, strategy, **options)
         compact = _compact_layouts(active, step_choices) if neurons is not None else {}
-        guard = Guard(nonfinite, "lnb", rate_label)
+        guard = Guard(nonfinite, "lnb", rate_label, table)
         for i in present:
             guard.add(GRADIENT, i, g_leaves[i])
+        for neuron, X in zip(active, features.values, strict=True):
+            if neuron is not None:
+                guard.add(FEATURES, neuron.weight, X)
 
         read = lambda tree: Aligned(tree, table, "state", shapes=False).leaves  # noqa: E731
         mu_leaves, chi_leaves = read(state.mean), read(state.second_moment)
@@ -338,6 +341,9 @@ def lnb(
         c1 = 1 - jnp.asarray(b1, wide) ** t
         c2 = 1 - jnp.asarray(b2, wide) ** t
         w1, w2 = _ema_weight(b1, wide), _ema_weight(b2, wide)
+        eps = rate_at(schedule, rate_label, state.count, wide)
+        guard.add(RATE, -1, eps)
+        ok = guard.inputs_ok()  # None without a check; gates the covariance matrices
         m_new = None
         g_hat = list(g_leaves)
         if not is_zero(b1):
@@ -356,7 +362,6 @@ def lnb(
         for j, (neuron, X) in enumerate(zip(active, features.values, strict=True)):
             if neuron is None:  # masked out: not updated, not solved for
                 continue
-            guard.add(FEATURES, neuron.weight, X)
             choice = step_choices[j]
             g_j = neuron.params_of(g_hat)
             in_neuron.update(i for i in (neuron.weight, neuron.bias) if i is not None)
@@ -375,6 +380,7 @@ def lnb(
                     covariance_every,
                     g_j,
                     relative_ridge,
+                    ok,
                 )
                 neuron.put_params(directions, d)
                 dots.append(tree_vdot(d, g_j).astype(wide))
@@ -429,8 +435,7 @@ def lnb(
         )
         raw_z = sum(norms if step_norm == "metric" else dots, rest)
         z = jnp.maximum(z0, raw_z)
-        eps = rate_at(schedule, rate_label, state.count, wide)
-        guard.add(RATE, -1, eps)
+        guard.add(STEP, -1, z)  # non-finite from finite inputs: a direction overflowed
         scale = jnp.where(z > 0, jnp.sqrt(eps / jnp.where(z > 0, z, 1)), 0)
         decay = jnp.sqrt(eps) * weight_decay
         updates = [None] * len(g_leaves)
@@ -439,7 +444,6 @@ def lnb(
             if not is_zero(weight_decay):
                 u = u - decay * p_leaves[i]
             updates[i] = u.astype(g_leaves[i].dtype)
-            guard.add(UPDATE, i, updates[i])
 
         written = lambda tree, leaves: Aligned(tree, table, "state", shapes=False).rebuild(leaves)  # noqa: E731
         new_state = LNBState(
@@ -455,7 +459,7 @@ def lnb(
         )
         # the state keeps its dtypes step after step (scan carries, donation)
         new_state = jax.tree.map(lambda n, o: jnp.asarray(n, o.dtype), new_state, state)
-        return guard.finish(g.rebuild(updates), new_state, state, t, table)
+        return guard.finish(g.rebuild(updates), new_state, state, t, table, gated=["covariance"])
 
     return optax.GradientTransformationExtraArgs(init, update)
 
