@@ -41,7 +41,7 @@ if TYPE_CHECKING:  # the eager imports, for type checkers and IDEs
     from .proxprop import proxprop
     from .strategy import STRATEGIES
     from .tagging import tag_neuron
-    from .transform import LNBState, lnb
+    from .transform import LNBState, lnb, scale_by_lnb
 
 # public name -> the submodule that defines it
 _SOURCES = {
@@ -70,6 +70,7 @@ _SOURCES = {
     "tag_neuron": "tagging",
     "LNBState": "transform",
     "lnb": "transform",
+    "scale_by_lnb": "transform",
 }
 
 __all__ = [
@@ -96,6 +97,7 @@ __all__ = [
     "locoprop_s",
     "pcg",
     "proxprop",
+    "scale_by_lnb",
     "tag_neuron",
     "value_and_grad",
 ]

@@ -465,6 +465,63 @@ def lnb(
     return optax.GradientTransformationExtraArgs(init, update)
 
 
+def scale_by_lnb(
+    *,
+    ridge: float = 1e-3,
+    z0: float = 0.0,
+    b1: float = 0.0,
+    b2: float = 0.99,
+    cg_iterations: int | None = None,
+    precondition: bool = True,
+    warm_start: bool = True,
+    nonfinite: str | None = "skip",
+    strategy: str | dict = "auto",
+    refresh_every: int = 10,
+    covariance_every: int = 1,
+    neurons: NeuronTable | None = None,
+    relative_ridge: bool = True,
+    step_norm: str = "metric",
+    min_descent: float = 0.5,
+) -> optax.GradientTransformationExtraArgs:
+    """LNB's direction in optax's shape: ``θ̂ / √z``, of squared length 1 in the metric (the
+    solve, the moments, the gradient EMA and the non-finite guard of :func:`lnb`; state
+    :class:`LNBState`). Scale it as any ``scale_by_*``::
+
+        lnb(ε, ρ)  ==  optax.chain(scale_by_lnb(...), optax.add_decayed_weights(ρ),
+                                   optax.scale(-√ε))
+
+    (for a schedule, ``optax.scale_by_schedule(lambda t: -jnp.sqrt(ε(t)))``): ``θ ← (1 − √ε·ρ)θ
+    − √(ε/z)·θ̂`` either way, to rounding (``tests/test_optax_composition.py``). :func:`lnb`
+    itself stays one transformation so that ε is checked with the inputs of the step (a NaN
+    learning rate skips the step instead of reaching the parameters). Arguments as
+    :func:`lnb`'s."""
+    inner = lnb(
+        1.0,
+        0.0,
+        ridge=ridge,
+        z0=z0,
+        b1=b1,
+        b2=b2,
+        cg_iterations=cg_iterations,
+        precondition=precondition,
+        warm_start=warm_start,
+        nonfinite=nonfinite,
+        strategy=strategy,
+        refresh_every=refresh_every,
+        covariance_every=covariance_every,
+        neurons=neurons,
+        relative_ridge=relative_ridge,
+        step_norm=step_norm,
+        min_descent=min_descent,
+    )
+
+    def update(grads, state: LNBState, params=None, **extra_args):
+        updates, state = inner.update(grads, state, params, **extra_args)
+        return jax.tree.map(jnp.negative, updates), state  # lnb(1, 0) steps along −θ̂/√z
+
+    return optax.GradientTransformationExtraArgs(inner.init, update)
+
+
 def _wide(dtype):
     """float32 at least: where EMAs, bias corrections and the step's scalars are computed."""
     return jnp.promote_types(dtype, jnp.float32)

@@ -121,6 +121,21 @@ def test_inject_hyperparams_keeps_the_unrolled_iterations_static():
     )
 
 
+def test_scale_by_lnb_chained_with_decay_and_rate_equals_lnb():
+    """``lnb(ε, ρ) == chain(scale_by_lnb(), add_decayed_weights(ρ), scale(−√ε))``."""
+    params, loss, _ = mlp()
+    data = batches(8, 3)
+    eps, rho = 0.05, 0.1
+    chained = optax.chain(
+        lnb_fast.scale_by_lnb(b1=0.9), optax.add_decayed_weights(rho), optax.scale(-np.sqrt(eps))
+    )
+    got, state = run(chained, params, loss, data)
+    want, want_state = run(lnb_fast.lnb(eps, rho, b1=0.9), params, loss, data)
+    assert_trees_close(got, want, rtol=1e-12, atol=1e-15)
+    assert isinstance(state[0], lnb_fast.LNBState)
+    assert_trees_close(state[0].direction, want_state.direction, rtol=1e-12, atol=1e-15)
+
+
 # --- masked / partition: LNB on part of a model ------------------------------------------------
 def lnb_on_the_part_alone(make_opt, params, loss, data, part):
     """LNB on the layers in ``part`` (the rest closed over as constants) and Adam on the rest,
