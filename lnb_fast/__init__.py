@@ -26,15 +26,22 @@ if TYPE_CHECKING:  # the eager imports, for type checkers and IDEs
     from .capture import Features, ValueAndGrad, value_and_grad
     from .describe import describe, format_table
     from .discovery import NeuronTable
-    from .errors import DiscoveryError, LNBError, NonFiniteError, StructureError
+    from .errors import (
+        CompositionError,
+        DiscoveryError,
+        LNBError,
+        NonFiniteError,
+        StructureError,
+    )
     from .foof import FOOFState, foof
     from .locoprop import LocalState, locoprop_m, locoprop_s
     from .neuron import Neuron
     from .pcg import PCGResult, pcg
+    from .plumbing import check_finite
     from .proxprop import proxprop
     from .strategy import STRATEGIES
     from .tagging import tag_neuron
-    from .transform import LNBState, lnb
+    from .transform import LNBState, lnb, scale_by_lnb
 
 # public name -> the submodule that defines it
 _SOURCES = {
@@ -44,6 +51,7 @@ _SOURCES = {
     "describe": "describe",
     "format_table": "describe",
     "NeuronTable": "discovery",
+    "CompositionError": "errors",
     "DiscoveryError": "errors",
     "LNBError": "errors",
     "NonFiniteError": "errors",
@@ -56,14 +64,17 @@ _SOURCES = {
     "Neuron": "neuron",
     "PCGResult": "pcg",
     "pcg": "pcg",
+    "check_finite": "plumbing",
     "proxprop": "proxprop",
     "STRATEGIES": "strategy",
     "tag_neuron": "tagging",
     "LNBState": "transform",
     "lnb": "transform",
+    "scale_by_lnb": "transform",
 }
 
 __all__ = [
+    "CompositionError",
     "DiscoveryError",
     "FOOFState",
     "Features",
@@ -77,6 +88,7 @@ __all__ = [
     "STRATEGIES",
     "StructureError",
     "ValueAndGrad",
+    "check_finite",
     "describe",
     "foof",
     "format_table",
@@ -85,6 +97,7 @@ __all__ = [
     "locoprop_s",
     "pcg",
     "proxprop",
+    "scale_by_lnb",
     "tag_neuron",
     "value_and_grad",
 ]

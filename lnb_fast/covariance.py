@@ -305,6 +305,8 @@ def damped_inverse(layout: GramLayout, A, ridge, relative: bool = False):
     matrix product is one GEMM (fast on every accelerator) where ``cho_solve`` is two
     triangular solves (sequential, slow on GPUs). A is symmetric positive definite (γ > 0,
     or a full-rank design), so the inverse is as accurate as the solve to ``κ·eps``."""
+    stored = A.dtype
+    A = A.astype(jnp.promote_types(stored, jnp.float32))  # no Cholesky in bf16/f16
     if relative:
         ridge = relative_ridge(
             *moments_of_augmented(layout, A), ridge, layout.bias_index is not None
@@ -321,12 +323,12 @@ def damped_inverse(layout: GramLayout, A, ridge, relative: bool = False):
     )(M, eye)
     inv = (inv + jnp.swapaxes(inv, -1, -2)) / 2
     if not bias:
-        return inv
+        return inv.astype(stored)
     u = jnp.einsum("gij,gj->gi", inv, mu) / a  # S⁻¹μ/a
     corner = 1 / a + jnp.sum(mu * u, axis=1, keepdims=True) / a
     top = jnp.concatenate([inv, -u[:, :, None]], axis=2)
     bottom = jnp.concatenate([-u, corner], axis=1)[:, None, :]
-    return jnp.concatenate([top, bottom], axis=1)
+    return jnp.concatenate([top, bottom], axis=1).astype(stored)
 
 
 def apply_inverse(layout: GramLayout, inverse, g):
@@ -347,6 +349,7 @@ def ema_inverse_step(
     refresh_every: int,
     covariance_every: int = 1,
     relative: bool = False,
+    ok=None,
 ):
     """One step of the covariance strategy's bookkeeping (and FOOF's): ``(A, A_inv)``.
 
@@ -354,20 +357,25 @@ def ema_inverse_step(
     (the Gram is not even formed on the others), and on the steps ``count % refresh_every == 0``
     ``A_inv = (A/c₂ + γ I_nonbias)⁻¹`` with ``c₂ = 1 − β₂ᵘ``, ``u`` the number of EMA updates so
     far; otherwise the stored inverse is kept (stale). ``count`` is the step count before this
-    step (0 first: the first step updates and refreshes)."""
+    step (0 first: the first step updates and refreshes). ``ok`` (a boolean scalar, or None):
+    False keeps both as they were (a skipped step), gated inside the update and the ``lax.cond``
+    so that no extra pass over the matrices is made."""
 
     def update():
-        C, mu = gram(layout, X, n_samples)
+        # the Gram in the EMA's precision (float32 at least: bf16 features are widened first)
+        C, mu = gram(layout, jax.tree.map(lambda x: x.astype(A_old.dtype), X), n_samples)
         return b2 * A_old + (1 - b2) * augmented(layout, C, mu).astype(A_old.dtype)
 
-    if covariance_every == 1:
-        A = update()
+    if isinstance(covariance_every, int) and covariance_every == 1:
+        A = update() if ok is None else jnp.where(ok, update(), A_old)
     else:
-        A = lax.cond(count % covariance_every == 0, update, lambda: A_old)
+        now = count % covariance_every == 0
+        A = lax.cond(now if ok is None else now & ok, update, lambda: A_old)
     updates = count // covariance_every + 1
     c2 = 1 - jnp.asarray(b2, A_old.dtype) ** updates
+    refresh = count % refresh_every == 0
     inv = lax.cond(
-        count % refresh_every == 0,
+        refresh if ok is None else refresh & ok,
         lambda: damped_inverse(layout, A / c2, ridge, relative),
         lambda: inv_old,
     )
@@ -386,10 +394,11 @@ def covariance_direction(
     covariance_every,
     g,
     relative: bool = False,
+    ok=None,
 ):
     """One neuron's step of the covariance strategy (and of FOOF): update ``state = (A, A_inv)``
-    by :func:`ema_inverse_step` and return it with the direction ``θ̂ = g A⁻¹`` for ``g`` the
-    neuron's ``(w,)``/``(w, b)``."""
+    by :func:`ema_inverse_step` (gated by ``ok``) and return it with the direction
+    ``θ̂ = g A⁻¹`` for ``g`` the neuron's ``(w,)``/``(w, b)``."""
     A, inv = ema_inverse_step(
         layout,
         X,
@@ -401,5 +410,7 @@ def covariance_direction(
         refresh_every,
         covariance_every,
         relative,
+        ok,
     )
-    return (A, inv), apply_inverse(layout, inv, g)
+    direction = apply_inverse(layout, inv, g)
+    return (A, inv), tuple(d.astype(x.dtype) for d, x in zip(direction, g, strict=True))

@@ -21,3 +21,7 @@ class StructureError(LNBError):
 
 class NonFiniteError(LNBError, FloatingPointError):
     """NaN or Inf in a gradient or a neuron's input features: refusing to take a NaN step."""
+
+
+class CompositionError(LNBError):
+    """An optax wrapper the transformation cannot run under (``optax.MultiSteps``), named."""

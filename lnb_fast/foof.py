@@ -28,17 +28,34 @@ import optax
 from .capture import Features
 from .covariance import covariance_direction, gram_layout
 from .discovery import NeuronTable
-from .errors import StructureError
-from .transform import _check_structure, _nonfinite_flags, _raise_if_nonfinite
+from .plumbing import (
+    FEATURES,
+    GRADIENT,
+    RATE,
+    Aligned,
+    Guard,
+    NonFiniteRecord,
+    active_neurons,
+    check_interval,
+    check_rate,
+    every,
+    nonfinite_option,
+    rate_at,
+    refuse_multisteps,
+    schedule_of,
+)
+from .transform import _wide, same_model
 
 
 class FOOFState(NamedTuple):
     """``count`` (steps taken), ``covariance`` (per neuron ``(A, A_inv)`` or None, each
-    ``(G, D, D)``) and ``skipped`` (steps skipped for non-finite values)."""
+    ``(G, D, D)``, float32 at least), ``skipped`` (steps skipped for non-finite values) and
+    ``nonfinite`` (the first one, for :func:`lnb_fast.check_finite`)."""
 
     count: jax.Array
     covariance: tuple
     skipped: jax.Array
+    nonfinite: NonFiniteRecord = None
 
 
 def foof(
@@ -49,7 +66,7 @@ def foof(
     refresh_every: int = 10,
     covariance_every: int = 1,
     neurons: NeuronTable | None = None,
-    nonfinite: str = "raise",
+    nonfinite: str | None = "skip",
 ) -> optax.GradientTransformationExtraArgs:
     """FOOF (module docstring). ``update(grads, state, params, features=features)``.
 
@@ -62,65 +79,77 @@ def foof(
         neurons: the loss's :class:`~lnb_fast.NeuronTable`
             (``lnb_fast.value_and_grad(loss).table(params, batch)``); required, since the state
             holds a ``(G, D, D)`` matrix per neuron.
-        nonfinite: ``"raise"`` or ``"skip"``, as :func:`lnb_fast.lnb`.
+        nonfinite: ``"skip"`` (default), ``"raise"`` or None, as :func:`lnb_fast.lnb`.
+
+    Composes with optax's wrappers as :func:`lnb_fast.lnb` does (masked parameters keep their
+    values; their neurons hold no matrix).
     """
     if not isinstance(neurons, NeuronTable):
         raise ValueError(
             "lnb_fast.foof keeps a (G, D, D) matrix per neuron in its state and needs the neurons "
             "up front: pass neurons=lnb_fast.value_and_grad(loss).table(params, batch)"
         )
-    if not 0.0 <= b2 < 1.0:
-        raise ValueError(f"b2 must lie in [0, 1), got {b2}")
-    if damping < 0:
-        raise ValueError(f"damping must be >= 0, got {damping}")
-    for name, value in (("refresh_every", refresh_every), ("covariance_every", covariance_every)):
-        if int(value) != value or value < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {value}")
-    if nonfinite not in ("raise", "skip"):
-        raise ValueError(f"nonfinite must be 'raise' or 'skip', got {nonfinite!r}")
-    schedule = learning_rate if callable(learning_rate) else (lambda count: learning_rate)
+    check_interval("b2", b2, 0.0, 1.0, high_open=True)
+    check_rate("learning_rate", learning_rate)
+    check_rate("damping", damping, schedule_ok=False)
+    refresh_every = every("refresh_every", refresh_every)
+    covariance_every = every("covariance_every", covariance_every)
+    nonfinite = nonfinite_option(nonfinite)
+    schedule, rate_label = schedule_of(learning_rate)
 
-    def design_layouts(table):
-        """Each neuron's GramLayout, None without a design (−lr·g)."""
-        return [None if isinstance(ly, str) else ly for ly in map(gram_layout, table.neurons)]
-
-    layouts = design_layouts(neurons)
+    def design_layouts(active):
+        """Each updated neuron's GramLayout, None without a design (−lr·g) or when masked."""
+        return [None if n is None or isinstance(ly := gram_layout(n), str) else ly for n in active]
 
     def init(params) -> FOOFState:
-        dtype = jnp.result_type(*jax.tree.leaves(params))
+        refuse_multisteps("foof")
+        aligned = Aligned(params, neurons, "parameters", source="the neurons= table has")
+        dtype = _wide(jnp.result_type(*[x for x in aligned.leaves if x is not None]))
+        layouts = design_layouts(active_neurons(neurons, aligned.present))
         cov = tuple(
             None
             if ly is None
             else tuple(jnp.zeros((ly.groups, ly.aug, ly.aug), dtype) for _ in "AB")
             for ly in layouts
         )
-        return FOOFState(jnp.zeros([], jnp.int32), cov, jnp.zeros([], jnp.int32))
+        return FOOFState(
+            jnp.zeros([], jnp.int32),
+            cov,
+            jnp.zeros([], jnp.int32),
+            NonFiniteRecord.empty(rate_label),
+        )
 
     def update(grads, state: FOOFState, params=None, *, features: Features | None = None, **_):
+        refuse_multisteps("foof")
         if not isinstance(features, Features):
             raise TypeError(
                 "lnb_fast.foof needs the neurons' input features: opt.update(grads, state, "
                 "params, features=features) with lnb_fast.value_and_grad's features"
             )
         table = features.table
-        if [n.weight_path for n in table.neurons] != [n.weight_path for n in neurons.neurons]:
-            raise StructureError(
-                "the features' neurons are not those foof(neurons=...) was built for"
-            )
-        g_leaves, treedef = jax.tree.flatten(grads)
-        _check_structure(table, treedef, g_leaves, "gradients")
-        bad = _nonfinite_flags(g_leaves, features)
-        if nonfinite == "raise":
-            _raise_if_nonfinite(table, bad)
-
+        same_model(neurons, table, "foof(neurons=...)")
+        g = Aligned(grads, table, "gradients")
+        g_leaves = g.leaves
+        present = [i for i, x in enumerate(g_leaves) if x is not None]
+        guard = Guard(nonfinite, "foof", rate_label, table)
+        for i in present:
+            guard.add(GRADIENT, i, g_leaves[i])
+        # This trace's layouts (they know its batch's n_i; `neurons` may be another batch size).
+        active = active_neurons(table, g.present)
+        step_layouts = design_layouts(active)
+        for neuron, X, layout in zip(active, features.values, step_layouts, strict=True):
+            if layout is not None:
+                guard.add(FEATURES, neuron.weight, X)
         t = state.count + 1
-        dtype = jnp.result_type(*g_leaves) if g_leaves else jnp.float32
+        dtype = jnp.result_type(*[g_leaves[i] for i in present]) if present else jnp.float32
+        lr = rate_at(schedule, rate_label, state.count, _wide(dtype))
+        guard.add(RATE, -1, lr)
+        ok = guard.inputs_ok()  # gates the covariance matrices where they are computed
+
         directions = list(g_leaves)
         cov = list(state.covariance)
-        # This trace's layouts (they know its batch's n_i; `neurons` may be another batch size).
-        step_layouts = design_layouts(table)
         for j, (neuron, X, layout) in enumerate(
-            zip(table.neurons, features.values, step_layouts, strict=True)
+            zip(active, features.values, step_layouts, strict=True)
         ):
             if layout is None:
                 continue
@@ -135,17 +164,14 @@ def foof(
                 refresh_every,
                 covariance_every,
                 neuron.params_of(g_leaves),
+                ok=ok,
             )
             neuron.put_params(directions, d)
-        lr = jnp.asarray(schedule(state.count), dtype)
-        updates = [(-lr * d).astype(g.dtype) for d, g in zip(directions, g_leaves, strict=True)]
-        updates = jax.tree.unflatten(treedef, updates)
-        new_state = FOOFState(t, tuple(cov), state.skipped)
-        if nonfinite == "skip":
-            ok = ~jnp.any(bad)
-            updates = jax.tree.map(lambda u: jnp.where(ok, u, jnp.zeros_like(u)), updates)
-            new_state = jax.tree.map(lambda new, old: jnp.where(ok, new, old), new_state, state)
-            new_state = new_state._replace(skipped=state.skipped + (~ok).astype(jnp.int32))
-        return updates, new_state
+        updates = [None] * len(g_leaves)
+        for i in present:
+            updates[i] = (-lr * directions[i]).astype(g_leaves[i].dtype)
+        new_state = FOOFState(t, tuple(cov), state.skipped, state.nonfinite)
+        new_state = jax.tree.map(lambda n, o: jnp.asarray(n, o.dtype), new_state, state)
+        return guard.finish(g.rebuild(updates), new_state, state, t, table, gated=["covariance"])
 
     return optax.GradientTransformationExtraArgs(init, update)

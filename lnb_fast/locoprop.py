@@ -40,7 +40,21 @@ import optax
 
 from .capture import Features
 from .neuron import Neuron
-from .transform import _check_structure, _nonfinite_flags, _raise_if_nonfinite
+from .plumbing import (
+    FEATURES,
+    GRADIENT,
+    RATE,
+    Aligned,
+    Guard,
+    NonFiniteRecord,
+    active_neurons,
+    check_rate,
+    nonfinite_option,
+    rate_at,
+    refuse_multisteps,
+    schedule_of,
+    static_int,
+)
 
 #: φ for each ``Neuron.transfer`` (all with ``0 ≤ φ' ≤ 1``).
 TRANSFERS: dict[str, Callable[[jax.Array], jax.Array]] = {
@@ -53,10 +67,12 @@ TRANSFERS: dict[str, Callable[[jax.Array], jax.Array]] = {
 
 class LocalState(NamedTuple):
     """State of :func:`locoprop_s`, :func:`locoprop_m` and :func:`lnb_fast.proxprop`: the step
-    count (for a schedule) and the steps skipped for non-finite values (``nonfinite="skip"``)."""
+    count (for a schedule), the steps skipped for non-finite values (``nonfinite="skip"``) and
+    the first non-finite value met (for :func:`lnb_fast.check_finite`)."""
 
     count: jax.Array
     skipped: jax.Array
+    nonfinite: NonFiniteRecord = None
 
 
 def _zeros_like_params(neuron: Neuron, dtype) -> tuple:
@@ -95,7 +111,7 @@ def local_step(
     dtype = jnp.result_type(*grad)
     rho = (
         1.0 / (metric_bound(neuron, X, dtype) + proximity)
-        if inner_learning_rate == "auto"
+        if isinstance(inner_learning_rate, str)
         else jnp.asarray(inner_learning_rate, dtype)
     )
 
@@ -131,19 +147,25 @@ def local_transformation(
     name: str,
     learning_rate,
     per_neuron: Callable[[Neuron, Any, tuple, tuple, jax.Array], tuple],
-    nonfinite: str,
+    nonfinite: str | None,
+    rate_name: str = "learning_rate",
 ) -> optax.GradientTransformationExtraArgs:
     """The optax plumbing shared by LocoProp and ProxProp: checks, identity-metric parameters
-    (``−η g``), ``per_neuron(neuron, X, θ_k, g, η) -> Δ`` for each neuron, ``nonfinite``."""
-    if nonfinite not in ("raise", "skip"):
-        raise ValueError(f"nonfinite must be 'raise' or 'skip', got {nonfinite!r}")
-    schedule = learning_rate if callable(learning_rate) else (lambda count: learning_rate)
+    (``−η g``), ``per_neuron(neuron, X, θ_k, g, η) -> Δ`` for each neuron, ``nonfinite``.
+    Masked parameters (``optax.masked``/``partition``) are not updated and their neurons
+    skipped; a neuron whose bias alone is masked is solved without it."""
+    nonfinite = nonfinite_option(nonfinite)
+    schedule, rate_label = schedule_of(learning_rate, rate_name)
 
     def init(params) -> LocalState:
+        refuse_multisteps(name)
         del params
-        return LocalState(jnp.zeros([], jnp.int32), jnp.zeros([], jnp.int32))
+        return LocalState(
+            jnp.zeros([], jnp.int32), jnp.zeros([], jnp.int32), NonFiniteRecord.empty(rate_label)
+        )
 
     def update(grads, state: LocalState, params=None, *, features: Features | None = None, **_):
+        refuse_multisteps(name)
         if not isinstance(features, Features):
             raise TypeError(
                 f"lnb_fast.{name} needs the neurons' input features: call "
@@ -156,57 +178,58 @@ def local_transformation(
                 "current outputs f(X; θ_k)): call opt.update(grads, state, params, features=...)"
             )
         table = features.table
-        g_leaves, treedef = jax.tree.flatten(grads)
-        _check_structure(table, treedef, g_leaves, "gradients")
-        p_leaves = jax.tree.leaves(params)
-        _check_structure(table, treedef, p_leaves, "parameters")
-        bad = _nonfinite_flags(g_leaves, features)
-        if nonfinite == "raise":
-            _raise_if_nonfinite(table, bad)
+        g = Aligned(grads, table, "gradients")
+        g_leaves = g.leaves
+        p_leaves = Aligned(params, table, "parameters").leaves
+        present = [i for i, x in enumerate(g_leaves) if x is not None]
+        guard = Guard(nonfinite, name, rate_label, table)
+        for i in present:
+            guard.add(GRADIENT, i, g_leaves[i])
 
-        dtype = jnp.result_type(*g_leaves) if g_leaves else jnp.float32
-        eta = jnp.asarray(schedule(state.count), dtype)
-        updates = [-eta * g for g in g_leaves]  # identity metric unless a neuron says otherwise
-        for neuron, X in zip(table.neurons, features.values, strict=True):
+        active = active_neurons(table, g.present)
+        for neuron, X in zip(active, features.values, strict=True):
+            if neuron is not None:
+                guard.add(FEATURES, neuron.weight, X)
+        dtype = jnp.result_type(*[g_leaves[i] for i in present]) if present else jnp.float32
+        eta = rate_at(schedule, rate_label, state.count, dtype)
+        guard.add(RATE, -1, eta)
+        guard.inputs_ok()
+        # identity metric unless a neuron says otherwise
+        updates = [None if x is None else -eta * x for x in g_leaves]
+        for neuron, X in zip(active, features.values, strict=True):
+            if neuron is None:
+                continue
             theta, grad = neuron.params_of(p_leaves), neuron.params_of(g_leaves)
             neuron.put_params(updates, per_neuron(neuron, X, theta, grad, eta))
-        updates = [u.astype(g.dtype) for u, g in zip(updates, g_leaves, strict=True)]
-        updates = jax.tree.unflatten(treedef, updates)
-        new_state = LocalState(state.count + 1, state.skipped)
-        if nonfinite == "skip":
-            ok = ~jnp.any(bad)
-            updates = jax.tree.map(lambda u: jnp.where(ok, u, jnp.zeros_like(u)), updates)
-            new_state = LocalState(
-                jnp.where(ok, new_state.count, state.count),
-                state.skipped + (~ok).astype(jnp.int32),
-            )
-        return updates, new_state
+        for i in present:
+            updates[i] = updates[i].astype(g_leaves[i].dtype)
+        new_state = LocalState(state.count + 1, state.skipped, state.nonfinite)
+        return guard.finish(g.rebuild(updates), new_state, state, state.count + 1, table)
 
     return optax.GradientTransformationExtraArgs(init, update)
 
 
-def _check_args(learning_rate, proximity, inner_steps, inner_learning_rate) -> None:
-    if not callable(learning_rate) and not learning_rate > 0:
-        raise ValueError(f"learning_rate must be positive or a schedule, got {learning_rate!r}")
-    if not proximity >= 0:
-        raise ValueError(f"proximity must be >= 0, got {proximity!r}")
-    if int(inner_steps) != inner_steps or inner_steps < 1:
-        raise ValueError(f"inner_steps must be an integer >= 1, got {inner_steps!r}")
-    if inner_learning_rate != "auto" and not (
-        isinstance(inner_learning_rate, (int, float)) and inner_learning_rate > 0
-    ):
-        raise ValueError(
-            f"inner_learning_rate must be 'auto' or a positive number, got {inner_learning_rate!r}"
-        )
+def _check_args(learning_rate, proximity, inner_steps, inner_learning_rate) -> int:
+    check_rate("learning_rate", learning_rate, positive=True)
+    check_rate("proximity", proximity, schedule_ok=False)
+    inner_steps = static_int("inner_steps", 5 if inner_steps is None else inner_steps)
+    if inner_learning_rate != "auto":
+        v = inner_learning_rate if isinstance(inner_learning_rate, int | float) else None
+        if isinstance(inner_learning_rate, str) or (v is not None and not v > 0):
+            raise ValueError(
+                "inner_learning_rate must be 'auto' or a positive number, got "
+                f"{inner_learning_rate!r}"
+            )
+    return inner_steps
 
 
 def _locoprop(name, matched, learning_rate, proximity, inner_steps, inner_learning_rate, nonfinite):
-    _check_args(learning_rate, proximity, inner_steps, inner_learning_rate)
+    inner_steps = _check_args(learning_rate, proximity, inner_steps, inner_learning_rate)
 
     def per_neuron(neuron, X, theta, grad, eta):
         transfer = neuron.transfer if matched else "identity"
         return local_step(
-            neuron, X, theta, grad, eta, proximity, int(inner_steps), inner_learning_rate, transfer
+            neuron, X, theta, grad, eta, proximity, inner_steps, inner_learning_rate, transfer
         )
 
     return local_transformation(name, learning_rate, per_neuron, nonfinite)
@@ -216,9 +239,9 @@ def locoprop_s(
     learning_rate: float | Callable[[jax.Array], jax.Array],
     proximity: float = 1e-3,
     *,
-    inner_steps: int = 5,
+    inner_steps: int | None = None,
     inner_learning_rate: float | str = "auto",
-    nonfinite: str = "raise",
+    nonfinite: str | None = "skip",
 ) -> optax.GradientTransformationExtraArgs:
     """LocoProp-S: ``inner_steps`` gradient steps on each neuron's squared local loss toward the
     targets ``z_k − η n_i λ_i`` (module docstring); converged, ``−η(M + κI)⁻¹g``.
@@ -236,10 +259,13 @@ def locoprop_s(
             best of 3, 10, 30 for S and M on the digits MLP and CNN of
             ``benchmarks/convergence.py --related`` (docs/results.md).
         proximity: κ ≥ 0, the weight of ``½‖θ − θ_k‖²`` (LocoProp's ``1/η_W``), on every entry.
-        inner_steps: J ≥ 1, gradient steps on the local loss.
+        inner_steps: J ≥ 1, gradient steps on the local loss (None: 5). Unrolled at trace time,
+            so a Python integer (None as default keeps it out of ``inject_hyperparams``).
         inner_learning_rate: ρ: ``"auto"`` (``1/(B + κ)``, module docstring) or a number.
-        nonfinite: ``"raise"`` (:class:`~lnb_fast.errors.NonFiniteError` naming the parameter)
-            or ``"skip"`` (zero updates, ``skipped`` incremented).
+        nonfinite: ``"skip"`` (default: zero updates in the graph, ``skipped`` incremented, the
+            first offender recorded for :func:`lnb_fast.check_finite`), ``"raise"`` (eager
+            updates only: :class:`~lnb_fast.errors.NonFiniteError` naming the parameter) or
+            None, as :func:`lnb_fast.lnb`.
     """
     return _locoprop(
         "locoprop_s", False, learning_rate, proximity, inner_steps, inner_learning_rate, nonfinite
@@ -250,9 +276,9 @@ def locoprop_m(
     learning_rate: float | Callable[[jax.Array], jax.Array],
     proximity: float = 1e-3,
     *,
-    inner_steps: int = 5,
+    inner_steps: int | None = None,
     inner_learning_rate: float | str = "auto",
-    nonfinite: str = "raise",
+    nonfinite: str | None = "skip",
 ) -> optax.GradientTransformationExtraArgs:
     """LocoProp-M: as :func:`locoprop_s`, but each neuron's local loss is the Bregman divergence
     matched to its transfer φ (``Neuron.transfer``, found at discovery: a tanh, sigmoid or relu

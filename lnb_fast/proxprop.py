@@ -30,6 +30,7 @@ import optax
 from .locoprop import local_transformation
 from .neuron import Neuron
 from .pcg import pcg
+from .plumbing import check_rate, static_int
 
 
 def proximal_step(neuron: Neuron, X, grad: tuple, tau, cg_iterations: int) -> tuple:
@@ -45,8 +46,8 @@ def proximal_step(neuron: Neuron, X, grad: tuple, tau, cg_iterations: int) -> tu
 def proxprop(
     tau: float | Callable[[jax.Array], jax.Array],
     *,
-    cg_iterations: int = 3,
-    nonfinite: str = "raise",
+    cg_iterations: int | None = None,
+    nonfinite: str | None = "skip",
 ) -> optax.GradientTransformationExtraArgs:
     """ProxProp: ``θ ← θ_k − τ (I + τM)⁻¹ g`` per neuron, by CG (module docstring).
 
@@ -60,17 +61,15 @@ def proxprop(
     Args:
         tau: τ > 0, the proximal step size (a number or an optax schedule ``count ↦ τ``): a
             gradient step of size τ for small τ, LNB's θ̂ (unnormalised) for large τ.
-        cg_iterations: CG iterations from 0 per neuron and step.
-        nonfinite: ``"raise"`` (:class:`~lnb_fast.errors.NonFiniteError` naming the parameter)
-            or ``"skip"`` (zero updates, ``skipped`` incremented).
+        cg_iterations: CG iterations from 0 per neuron and step (None: 3); a Python integer
+            (unrolled at trace time), as :func:`lnb_fast.lnb`'s.
+        nonfinite: ``"skip"`` (default), ``"raise"`` or None, as :func:`lnb_fast.lnb`.
     """
-    if not callable(tau) and not tau > 0:
-        raise ValueError(f"tau must be positive or a schedule, got {tau!r}")
-    if int(cg_iterations) != cg_iterations or cg_iterations < 1:
-        raise ValueError(f"cg_iterations must be an integer >= 1, got {cg_iterations!r}")
+    check_rate("tau", tau, positive=True)
+    cg_iterations = static_int("cg_iterations", 3 if cg_iterations is None else cg_iterations)
 
     def per_neuron(neuron, X, theta, grad, tau_now):
         del theta
-        return proximal_step(neuron, X, grad, tau_now, int(cg_iterations))
+        return proximal_step(neuron, X, grad, tau_now, cg_iterations)
 
-    return local_transformation("proxprop", tau, per_neuron, nonfinite)
+    return local_transformation("proxprop", tau, per_neuron, nonfinite, rate_name="tau")

@@ -125,6 +125,13 @@ def choose(
 def plan(table, strategy="auto", **kw) -> list[Choice]:
     """:func:`choose` for every neuron of a :class:`~lnb_fast.discovery.NeuronTable`; a dict
     naming a path that is no neuron's weight raises (a typo would otherwise go unnoticed)."""
+    return plan_active(table, table.neurons, strategy, **kw)
+
+
+def plan_active(table, active, strategy="auto", **kw) -> list[Choice | None]:
+    """:func:`plan` for the neurons a (masked) step updates: ``active`` has one entry per neuron
+    of ``table``, None for a neuron that is not updated (its choice is None); the dict's paths
+    are checked against the whole table."""
     check_strategy(strategy)
     if isinstance(strategy, dict):
         known = {n.weight_path for n in table.neurons}
@@ -134,4 +141,4 @@ def plan(table, strategy="auto", **kw) -> list[Choice]:
                 f"strategy names {unknown}, which are not neuron weights; the neurons' weights "
                 f"are {sorted(known)} (as lnb_fast.describe prints them)"
             )
-    return [choose(n, strategy, **kw) for n in table.neurons]
+    return [None if n is None else choose(n, strategy, **kw) for n in active]

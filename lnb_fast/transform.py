@@ -48,16 +48,34 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from .capture import Features
 from .covariance import covariance_direction, gram, gram_layout, gram_matvec
 from .covariance import relative_ridge as relative_ridge_of
 from .discovery import NeuronTable
-from .errors import NonFiniteError, StructureError
+from .errors import StructureError
 from .pcg import metric_norm, pcg, tree_vdot
-from .strategy import check_strategy, plan
+from .plumbing import (
+    FEATURES,
+    GRADIENT,
+    RATE,
+    STEP,
+    Aligned,
+    Guard,
+    NonFiniteRecord,
+    active_neurons,
+    check_interval,
+    check_rate,
+    every,
+    is_zero,
+    nonfinite_option,
+    rate_at,
+    refuse_multisteps,
+    schedule_of,
+    static_int,
+)
+from .strategy import check_strategy, plan, plan_active
 
 STEP_NORMS = ("metric", "paper")
 """``step_norm`` options, as :data:`lnb_ref.lnb.STEP_NORMS`."""
@@ -65,14 +83,16 @@ STEP_NORMS = ("metric", "paper")
 
 class LNBState(NamedTuple):
     """The state of :func:`lnb`; ``grad_ema``, ``mean``, ``second_moment`` and ``direction`` are
-    shaped like the params.
+    shaped like the params (``optax.MaskedNode`` where a mask leaves a parameter out).
 
     Attributes:
         count: steps taken (``t``; the schedule reads ε at ``count``).
         grad_ema: EMA of the gradients (β₁); ``None`` when ``b1 = 0`` (no EMA: ``ĝ = g``, and
             one parameter-sized tree less in memory).
         mean, second_moment: EMAs (β₂) of each neuron's design-column moments ``μ`` and ``χ``,
-            stored broadcast over the weight's output rows (zeros for other leaves).
+            stored broadcast over the weight's output rows (zeros for other leaves); with
+            ``neurons=``, one ``(G, d)`` row per group, and a ``(1,)`` placeholder for a
+            covariance neuron.
         direction: the previous θ̂ (PCG's warm start).
         skipped: steps skipped for non-finite values (``nonfinite="skip"``).
         covariance: one entry per neuron of ``neurons=``: ``None``, or for a neuron with the
@@ -80,6 +100,12 @@ class LNBState(NamedTuple):
             (Eq. 12) and the damped inverse last refreshed, each ``(G, D, D)``.
         restarts: how many times, over all steps and neurons, a warm-started PCG direction
             failed the descent test and was recomputed from 0 (``min_descent``).
+        nonfinite: the first non-finite value met (:class:`~lnb_fast.plumbing.NonFiniteRecord`),
+            read by :func:`lnb_fast.check_finite`.
+
+    The EMAs (``grad_ema``, ``mean``, ``second_moment``, ``covariance``) are kept in float32 at
+    least: with bf16 parameters an EMA of rate 0.99 stored in bf16 stops moving once its
+    increments fall below half a bf16 ulp.
     """
 
     count: jax.Array
@@ -90,6 +116,7 @@ class LNBState(NamedTuple):
     skipped: jax.Array
     covariance: tuple = ()
     restarts: jax.Array = None
+    nonfinite: NonFiniteRecord = None
 
 
 def lnb(
@@ -100,10 +127,10 @@ def lnb(
     z0: float = 0.0,
     b1: float = 0.0,
     b2: float = 0.99,
-    cg_iterations: int = 2,
+    cg_iterations: int | None = None,
     precondition: bool = True,
     warm_start: bool = True,
-    nonfinite: str = "raise",
+    nonfinite: str | None = "skip",
     strategy: str | dict = "auto",
     refresh_every: int = 10,
     covariance_every: int = 1,
@@ -122,9 +149,17 @@ def lnb(
         updates, state = opt.update(grads, state, params, features=features)
         params = optax.apply_updates(params, updates)
 
+    It composes like any optax transformation: ``optax.chain``, ``optax.masked`` and
+    ``optax.partition`` (masked parameters are not updated and their neurons are skipped; a
+    neuron whose bias alone is masked is solved without it), ``optax.inject_hyperparams``
+    (every numeric argument but ``cg_iterations`` may be injected), ``optax.apply_if_finite``,
+    ``jax.vmap`` and ``lax.scan`` over steps. ``optax.MultiSteps`` is refused
+    (:class:`~lnb_fast.errors.CompositionError`): it would pass the features of its last
+    micro-batch only.
+
     Args:
         learning_rate: ``ε``, the squared length of the step *in function space* (Eq. 1–2): a
-            number or an optax schedule ``count ↦ ε``.
+            number ``>= 0`` or an optax schedule ``count ↦ ε``.
         weight_decay: ``ρ``; parameters shrink by ``1 − √ε·ρ`` per step, biases included.
         ridge: ``γ``, added to the non-bias diagonal of every ``M_i`` and to ``P_i`` (§3.4):
             ``γ`` (default), or ``γ·Var(x_j)`` per input feature with ``relative_ridge``.
@@ -134,12 +169,22 @@ def lnb(
         b1: EMA rate of the gradient; default 0, i.e. no EMA (``lnb_ref`` uses 0.9): every
             sweep we ran (matrix factorization, digits MLP and CNN) converged faster with 0.
         b2: EMA rate of the feature moments.
-        cg_iterations: PCG iterations per step (the paper: 2).
+        cg_iterations: PCG iterations per step (None: 2, the paper's). Unrolled at trace time,
+            so a Python integer (None as default keeps it out of ``inject_hyperparams``).
         precondition: use the §3.5 preconditioners (False: plain CG).
         warm_start: start PCG from the previous θ̂ (False: from 0).
-        nonfinite: ``"raise"`` (a NaN/Inf in a gradient or a neuron's features raises
-            :class:`~lnb_fast.errors.NonFiniteError` naming the parameter) or ``"skip"`` (the
-            step is skipped: zero updates, state unchanged but ``skipped`` incremented).
+        nonfinite: what a NaN/Inf in a gradient, a neuron's features or the learning rate (or
+            in the step norm ``z``) does. ``"skip"`` (default): the step is skipped *in the graph*
+            (zero updates, state unchanged but ``skipped`` incremented, the first offender
+            recorded in ``state.nonfinite``), with no host round trip;
+            :func:`lnb_fast.check_finite` ``(opt_state, params)`` raises
+            :class:`~lnb_fast.errors.NonFiniteError` naming it when you call it. ``"raise"``:
+            eager (un-jitted) updates raise ``NonFiniteError`` at once; under ``jit``/``vmap``/
+            ``scan`` it is a ``ValueError`` at trace time (raising from the graph would cost a
+            host round trip per step). None: no check. Overhead of ``"skip"`` against None:
+            1.01× (auto) and 1.04× (covariance) per jitted step of the 784-800-800-10 MLP,
+            measured by ``.venv/bin/python benchmarks/nonfinite_overhead.py [--strategy
+            covariance]`` (docs/fast.md, "Non-finite values").
         strategy: how each neuron's θ̂ is computed (:mod:`lnb_fast.strategy`): ``"auto"``
             (the cheaper of the next two by the cost model), ``"matrix-free"`` (PCG with a
             forward and a VJP per product), ``"gram"`` (the same PCG on the minibatch's design
@@ -155,7 +200,8 @@ def lnb(
             larger values skip forming the Gram (``2·n·D²``) on the other steps.
         neurons: the :class:`~lnb_fast.NeuronTable` of the loss
             (``lnb_fast.value_and_grad(loss).table(params, batch)``), so that ``init`` can
-            allocate the per-neuron ``(G, D, D)`` matrices of the covariance strategy.
+            allocate the per-neuron ``(G, D, D)`` matrices of the covariance strategy. A table
+            of another model is a :class:`~lnb_fast.errors.StructureError`.
         relative_ridge: ``γ`` relative to each input feature's variance (keeps the invariance to
             per-feature affine maps exactly, but no longer damps nearly constant features) or,
             by default, absolute (module docstring).
@@ -165,31 +211,31 @@ def lnb(
         min_descent: a warm-started θ̂ with ``θ̂ · ĝ ≤ min_descent · θ̂ᵀ(M + γ)θ̂`` is recomputed
             by PCG from 0 (which descends: ``θ̂ · ĝ = θ̂ᵀ(M + γ)θ̂``); 0 restarts only directions
             that point uphill. ``LNBState.restarts`` counts them.
+
+    Python numbers are validated here (arrays, which ``inject_hyperparams`` passes, go through):
+    a negative, NaN or infinite ``learning_rate``, ``weight_decay``, ``ridge`` or ``z0`` is a
+    ``ValueError``; a schedule that returns None is a ``TypeError`` naming
+    it, one that returns NaN or a negative value is a non-finite step (above).
     """
-    if not (0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0):
-        raise ValueError(f"EMA rates must lie in [0, 1); got b1={b1}, b2={b2}")
-    if int(cg_iterations) != cg_iterations or cg_iterations < 1:
-        raise ValueError(f"cg_iterations must be an integer >= 1, got {cg_iterations}")
-    if nonfinite not in ("raise", "skip"):
-        raise ValueError(f"nonfinite must be 'raise' or 'skip', got {nonfinite!r}")
+    check_interval("b1", b1, 0.0, 1.0, high_open=True)
+    check_interval("b2", b2, 0.0, 1.0, high_open=True)
+    cg_iterations = static_int("cg_iterations", 2 if cg_iterations is None else cg_iterations)
+    nonfinite = nonfinite_option(nonfinite)
+    check_rate("learning_rate", learning_rate)
     for name, value in (("weight_decay", weight_decay), ("ridge", ridge), ("z0", z0)):
-        if value < 0:
-            raise ValueError(f"{name} must be >= 0, got {value}")
+        check_rate(name, value, schedule_ok=False)
     if step_norm not in STEP_NORMS:
         raise ValueError(f"step_norm must be one of {STEP_NORMS}, got {step_norm!r}")
-    if not 0.0 <= min_descent <= 1.0:
-        raise ValueError(f"min_descent must lie in [0, 1], got {min_descent!r}")
-    if int(refresh_every) != refresh_every or refresh_every < 1:
-        raise ValueError(f"refresh_every must be an integer >= 1, got {refresh_every}")
+    check_interval("min_descent", min_descent, 0.0, 1.0)
+    refresh_every = every("refresh_every", refresh_every)
+    covariance_every = every("covariance_every", covariance_every)
     check_strategy(strategy)
     if neurons is not None and not isinstance(neurons, NeuronTable):
         raise TypeError(
             "neurons must be a lnb_fast.NeuronTable (lnb_fast.value_and_grad(loss).table(params, "
             f"batch)), got {type(neurons).__name__}"
         )
-    schedule = learning_rate if callable(learning_rate) else (lambda count: learning_rate)
-    if int(covariance_every) != covariance_every or covariance_every < 1:
-        raise ValueError(f"covariance_every must be an integer >= 1, got {covariance_every}")
+    schedule, rate_label = schedule_of(learning_rate)
     options = {
         "cg_iterations": cg_iterations,
         "refresh_every": refresh_every,
@@ -204,50 +250,59 @@ def lnb(
             "lnb_fast.lnb needs the neurons up front: pass "
             "neurons=lnb_fast.value_and_grad(loss).table(params, batch)"
         )
-    choices = plan(neurons, strategy, **options) if neurons is not None else None
+    if neurons is not None:
+        plan(neurons, strategy, **options)  # a forced strategy a neuron cannot take raises here
     # With the neurons known up front the moments μ, χ are stored compactly, one (G, d) row per
     # group instead of broadcast over the weight's rows (they are equal across rows), and a
-    # covariance neuron, which needs none, stores empty ones: see _compact_layouts.
-    compact = _compact_layouts(neurons, choices) if neurons is not None else {}
+    # covariance neuron, which needs none, stores a (1,) placeholder: see _compact_layouts.
+    # Which neurons are updated (a mask may leave some out) is known in init and update only.
 
     def init(params) -> LNBState:
+        refuse_multisteps("lnb")
         # A fresh buffer per field, so that a step may donate the state (no buffer twice).
         zeros = lambda: jax.tree.map(jnp.zeros_like, params)  # noqa: E731
+        wide = lambda: jax.tree.map(lambda p: jnp.zeros(p.shape, _wide(p.dtype)), params)  # noqa: E731
         covariance = ()
-        if choices is not None:
-            dtype = jnp.result_type(*jax.tree.leaves(params))
+        moments = [wide(), wide()]
+        if neurons is not None:
+            aligned = Aligned(params, neurons, "parameters", source="the neurons= table has")
+            active = active_neurons(neurons, aligned.present)
+            choices = plan_active(neurons, active, strategy, **options)
+            compact = _compact_layouts(active, choices)
+            dtype = _wide(jnp.result_type(*[x for x in aligned.leaves if x is not None]))
             covariance = tuple(
                 tuple(jnp.zeros((c.layout.groups, c.layout.aug, c.layout.aug), dtype) for _ in "AB")
-                if c.name == "covariance"
+                if c is not None and c.name == "covariance"
                 else None
                 for c in choices
             )
-        moments = [zeros(), zeros()]
-        if neurons is not None:
-            flat = [jax.tree.leaves(m) for m in moments]
-            treedef = jax.tree.structure(params)
-            for j, neuron in enumerate(neurons.neurons):
-                shape = None
-                if choices[j].name == "covariance":
-                    shape = (0,)
-                elif j in compact:
-                    shape = (compact[j].groups, compact[j].cols)
-                if shape is not None:
-                    for leaves in flat:
+            for m in range(2):
+                leaves = list(Aligned(moments[m], neurons, "state", shapes=False).leaves)
+                for j, neuron in enumerate(active):
+                    shape = None
+                    if neuron is None:
+                        continue
+                    if choices[j].name == "covariance":
+                        shape = (1,)  # a placeholder checkpointers can save (not size 0)
+                    elif j in compact:
+                        shape = (compact[j].groups, compact[j].cols)
+                    if shape is not None:
                         leaves[neuron.weight] = jnp.zeros(shape, leaves[neuron.weight].dtype)
-            moments = [jax.tree.unflatten(treedef, leaves) for leaves in flat]
+                moments[m] = aligned.rebuild(leaves)
         return LNBState(
             count=jnp.zeros([], jnp.int32),
-            grad_ema=zeros() if b1 else None,
+            grad_ema=None if is_zero(b1) else wide(),
             mean=moments[0],
             second_moment=moments[1],
             direction=zeros(),
             skipped=jnp.zeros([], jnp.int32),
             covariance=covariance,
             restarts=jnp.zeros([], jnp.int32),
+            nonfinite=NonFiniteRecord.empty(rate_label),
         )
 
     def update(grads, state: LNBState, params=None, *, features: Features | None = None, **_):
+        refuse_multisteps("lnb")
         if not isinstance(features, Features):
             raise TypeError(
                 "lnb_fast.lnb needs the neurons' input features: call "
@@ -255,47 +310,53 @@ def lnb(
                 f"by lnb_fast.value_and_grad(loss_fn)(params, batch); got {type(features).__name__}"
             )
         table = features.table
-        if neurons is not None and [n.weight_path for n in neurons.neurons] != [
-            n.weight_path for n in table.neurons
-        ]:
-            raise StructureError(
-                "the features' neurons are not those lnb_fast.lnb(neurons=...) was built for: "
-                f"{[n.weight_path for n in table.neurons]} vs "
-                f"{[n.weight_path for n in neurons.neurons]}"
+        if neurons is not None:
+            same_model(neurons, table, "lnb_fast.lnb(neurons=...)")
+        g = Aligned(grads, table, "gradients")
+        g_leaves = g.leaves
+        present = [i for i, x in enumerate(g_leaves) if x is not None]
+        p_leaves = None
+        if params is not None:
+            p_leaves = Aligned(params, table, "parameters").leaves
+        elif not is_zero(weight_decay):
+            raise ValueError(
+                "weight_decay needs the parameters: opt.update(grads, state, params) (a "
+                "weight_decay injected by optax.inject_hyperparams counts as nonzero)"
             )
         # Planned on this trace's table: its layouts know this batch's n_i (the table given as
         # neurons= may have been traced for another batch size; covariance is never auto-chosen,
         # so which neurons are covariance, hence the state's layout, does not change).
-        step_choices = plan(table, strategy, **options)
-        g_leaves, treedef = jax.tree.flatten(grads)
-        _check_structure(table, treedef, g_leaves, "gradients")
-        p_leaves = None
-        if params is not None:
-            p_leaves = jax.tree.leaves(params)
-            _check_structure(table, treedef, p_leaves, "parameters")
-        elif weight_decay:
-            raise ValueError("weight_decay needs the parameters: opt.update(grads, state, params)")
+        active = active_neurons(table, g.present)
+        step_choices = plan_active(table, active, strategy, **options)
+        compact = _compact_layouts(active, step_choices) if neurons is not None else {}
+        guard = Guard(nonfinite, "lnb", rate_label, table)
+        for i in present:
+            guard.add(GRADIENT, i, g_leaves[i])
+        for neuron, X in zip(active, features.values, strict=True):
+            if neuron is not None:
+                guard.add(FEATURES, neuron.weight, X)
 
-        bad = _nonfinite_flags(g_leaves, features)
-        if nonfinite == "raise":
-            _raise_if_nonfinite(table, bad)
-
-        mu_leaves = jax.tree.leaves(state.mean)
-        chi_leaves, d_leaves = (
-            jax.tree.leaves(state.second_moment),
-            jax.tree.leaves(state.direction),
-        )
+        read = lambda tree: Aligned(tree, table, "state", shapes=False).leaves  # noqa: E731
+        mu_leaves, chi_leaves = read(state.mean), read(state.second_moment)
+        d_leaves = read(state.direction)
 
         t = state.count + 1
-        dtype = jnp.result_type(*g_leaves) if g_leaves else jnp.float32
-        c1 = 1 - jnp.asarray(b1, dtype) ** t
-        c2 = 1 - jnp.asarray(b2, dtype) ** t
-        if b1:
-            m_leaves = jax.tree.leaves(state.grad_ema)
-            m_new = [b1 * m + (1 - b1) * g for m, g in zip(m_leaves, g_leaves, strict=True)]
-            g_hat = [m / c1 for m in m_new]
-        else:
-            m_new, g_hat = None, list(g_leaves)
+        dtype = jnp.result_type(*[g_leaves[i] for i in present]) if present else jnp.float32
+        wide = _wide(dtype)  # the scalars z, ε and the EMAs' weights: float32 at least
+        c1 = 1 - jnp.asarray(b1, wide) ** t
+        c2 = 1 - jnp.asarray(b2, wide) ** t
+        w1, w2 = _ema_weight(b1, wide), _ema_weight(b2, wide)
+        eps = rate_at(schedule, rate_label, state.count, wide)
+        guard.add(RATE, -1, eps)
+        ok = guard.inputs_ok()  # None without a check; gates the covariance matrices
+        m_new = None
+        g_hat = list(g_leaves)
+        if not is_zero(b1):
+            m_leaves = read(state.grad_ema)
+            m_new = list(m_leaves)
+            for i in present:
+                m_new[i] = w1 * m_leaves[i] + (1 - w1) * g_leaves[i].astype(m_leaves[i].dtype)
+                g_hat[i] = (m_new[i] / c1).astype(g_leaves[i].dtype)
 
         directions = list(g_hat)  # identity metric unless a neuron says otherwise
         mu_new, chi_new = list(mu_leaves), list(chi_leaves)
@@ -303,7 +364,9 @@ def lnb(
         # Per neuron: θ̂·ĝ and θ̂ᵀ(M + γ)θ̂ (identity-metric leaves: ĝ·ĝ both, added below).
         dots, norms, restarts = [], [], jnp.zeros([], jnp.int32)
         in_neuron = set()
-        for j, (neuron, X) in enumerate(zip(table.neurons, features.values, strict=True)):
+        for j, (neuron, X) in enumerate(zip(active, features.values, strict=True)):
+            if neuron is None:  # masked out: not updated, not solved for
+                continue
             choice = step_choices[j]
             g_j = neuron.params_of(g_hat)
             in_neuron.update(i for i in (neuron.weight, neuron.bias) if i is not None)
@@ -322,9 +385,10 @@ def lnb(
                     covariance_every,
                     g_j,
                     relative_ridge,
+                    ok,
                 )
                 neuron.put_params(directions, d)
-                dots.append(tree_vdot(d, g_j))
+                dots.append(tree_vdot(d, g_j).astype(wide))
                 norms.append(dots[-1])
                 continue
             mean, second = neuron.moments(X)
@@ -332,9 +396,11 @@ def lnb(
             layout = compact.get(j)
             if layout is not None:  # compact: one row per group, (G, d)
                 mean, second = (layout.to_rows(m)[:, 0, :] for m in (mean, second))
-            mu_new[i] = b2 * mu_leaves[i] + (1 - b2) * mean
-            chi_new[i] = b2 * chi_leaves[i] + (1 - b2) * second
-            mu_hat, chi_hat = mu_new[i] / c2, chi_new[i] / c2
+            store = mu_leaves[i].dtype
+            mu_new[i] = w2 * mu_leaves[i] + (1 - w2) * mean.astype(store)
+            chi_new[i] = w2 * chi_leaves[i] + (1 - w2) * second.astype(store)
+            # bias-corrected in the EMA's precision, then in the parameters' for PCG
+            mu_hat, chi_hat = ((m / c2).astype(g_j[0].dtype) for m in (mu_new[i], chi_new[i]))
             if layout is not None:  # broadcast over the rows again, for this step only
                 mu_hat, chi_hat = (_broadcast_rows(layout, m) for m in (mu_hat, chi_hat))
             gamma = ridge
@@ -365,51 +431,143 @@ def lnb(
                 x, dot, norm = jax.lax.cond(again, cold, lambda x=x, d=dot, n=norm: (x, d, n))
                 restarts = restarts + again.astype(jnp.int32)
             neuron.put_params(directions, x)
-            dots.append(dot)
-            norms.append(norm)
+            dots.append(dot.astype(wide))
+            norms.append(norm.astype(wide))
 
-        identity = [i for i in range(len(directions)) if i not in in_neuron]
-        rest = sum((jnp.vdot(g_hat[i], g_hat[i]) for i in identity), jnp.zeros([], dtype))
+        identity = [i for i in present if i not in in_neuron]
+        rest = sum(
+            (jnp.vdot(g_hat[i], g_hat[i]).astype(wide) for i in identity), jnp.zeros([], wide)
+        )
         raw_z = sum(norms if step_norm == "metric" else dots, rest)
         z = jnp.maximum(z0, raw_z)
-        eps = jnp.asarray(schedule(state.count), dtype)
+        guard.add(STEP, -1, z)  # non-finite from finite inputs: a direction overflowed
         scale = jnp.where(z > 0, jnp.sqrt(eps / jnp.where(z > 0, z, 1)), 0)
         decay = jnp.sqrt(eps) * weight_decay
-        updates = []
-        for i, d in enumerate(directions):
-            u = -scale * d
-            if weight_decay:
+        updates = [None] * len(g_leaves)
+        for i in present:
+            u = -scale * directions[i]
+            if not is_zero(weight_decay):
                 u = u - decay * p_leaves[i]
-            updates.append(u.astype(g_leaves[i].dtype))
+            updates[i] = u.astype(g_leaves[i].dtype)
 
-        unflat = lambda leaves: jax.tree.unflatten(treedef, leaves)  # noqa: E731
+        written = lambda tree, leaves: Aligned(tree, table, "state", shapes=False).rebuild(leaves)  # noqa: E731
         new_state = LNBState(
             count=t,
-            grad_ema=None if m_new is None else unflat(m_new),
-            mean=unflat(mu_new),
-            second_moment=unflat(chi_new),
-            direction=unflat(directions),
+            grad_ema=None if m_new is None else written(state.grad_ema, m_new),
+            mean=written(state.mean, mu_new),
+            second_moment=written(state.second_moment, chi_new),
+            direction=written(state.direction, directions),
             skipped=state.skipped,
             covariance=tuple(covariance),
             restarts=state.restarts + restarts,
+            nonfinite=state.nonfinite,
         )
-        updates = unflat(updates)
-        if nonfinite == "skip":
-            ok = ~jnp.any(bad)
-            keep = lambda new, old: jnp.where(ok, new, old)  # noqa: E731
-            updates = jax.tree.map(lambda u: jnp.where(ok, u, jnp.zeros_like(u)), updates)
-            new_state = jax.tree.map(keep, new_state, state)
-            new_state = new_state._replace(skipped=state.skipped + (~ok).astype(jnp.int32))
-        return updates, new_state
+        # the state keeps its dtypes step after step (scan carries, donation)
+        new_state = jax.tree.map(lambda n, o: jnp.asarray(n, o.dtype), new_state, state)
+        return guard.finish(g.rebuild(updates), new_state, state, t, table, gated=["covariance"])
 
     return optax.GradientTransformationExtraArgs(init, update)
 
 
-def _compact_layouts(neurons: NeuronTable, choices) -> dict:
-    """neuron index -> :class:`~lnb_fast.covariance.GramLayout` for every non-covariance neuron
-    whose weight maps onto design rows: its moments are stored as ``(G, d)``."""
+def scale_by_lnb(
+    *,
+    ridge: float = 1e-3,
+    z0: float = 0.0,
+    b1: float = 0.0,
+    b2: float = 0.99,
+    cg_iterations: int | None = None,
+    precondition: bool = True,
+    warm_start: bool = True,
+    nonfinite: str | None = "skip",
+    strategy: str | dict = "auto",
+    refresh_every: int = 10,
+    covariance_every: int = 1,
+    neurons: NeuronTable | None = None,
+    relative_ridge: bool = True,
+    step_norm: str = "metric",
+    min_descent: float = 0.5,
+) -> optax.GradientTransformationExtraArgs:
+    """LNB's direction in optax's shape: ``θ̂ / √z``, of squared length 1 in the metric (the
+    solve, the moments, the gradient EMA and the non-finite guard of :func:`lnb`; state
+    :class:`LNBState`). Scale it as any ``scale_by_*``::
+
+        lnb(ε, ρ)  ==  optax.chain(scale_by_lnb(...), optax.add_decayed_weights(ρ),
+                                   optax.scale(-√ε))
+
+    (for a schedule, ``optax.scale_by_schedule(lambda t: -jnp.sqrt(ε(t)))``): ``θ ← (1 − √ε·ρ)θ
+    − √(ε/z)·θ̂`` either way, to rounding (``tests/test_optax_composition.py``). :func:`lnb`
+    itself stays one transformation so that ε is checked with the inputs of the step (a NaN
+    learning rate skips the step instead of reaching the parameters). Arguments as
+    :func:`lnb`'s."""
+    inner = lnb(
+        1.0,
+        0.0,
+        ridge=ridge,
+        z0=z0,
+        b1=b1,
+        b2=b2,
+        cg_iterations=cg_iterations,
+        precondition=precondition,
+        warm_start=warm_start,
+        nonfinite=nonfinite,
+        strategy=strategy,
+        refresh_every=refresh_every,
+        covariance_every=covariance_every,
+        neurons=neurons,
+        relative_ridge=relative_ridge,
+        step_norm=step_norm,
+        min_descent=min_descent,
+    )
+
+    def update(grads, state: LNBState, params=None, **extra_args):
+        updates, state = inner.update(grads, state, params, **extra_args)
+        return jax.tree.map(jnp.negative, updates), state  # lnb(1, 0) steps along −θ̂/√z
+
+    return optax.GradientTransformationExtraArgs(inner.init, update)
+
+
+def _wide(dtype):
+    """float32 at least: where EMAs, bias corrections and the step's scalars are computed."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def _ema_weight(b, dtype):
+    """The EMA weight ``b`` as the bias correction ``1 − bᵗ`` uses it: a Python number stays
+    one (exact in float64, as before), an array is cast to ``dtype``."""
+    return b if isinstance(b, (int, float)) else jnp.asarray(b, dtype)
+
+
+def same_model(neurons: NeuronTable, table: NeuronTable, who: str) -> None:
+    """A :class:`StructureError` when the features come from another model than ``neurons``."""
+    if neurons is table:
+        return
+    if [n.weight_path for n in neurons.neurons] != [n.weight_path for n in table.neurons]:
+        raise StructureError(
+            f"the features' neurons are not those {who} was built for: "
+            f"{[n.weight_path for n in table.neurons]} vs "
+            f"{[n.weight_path for n in neurons.neurons]}"
+        )
+    if neurons.treedef != table.treedef:
+        raise StructureError(
+            f"the features' parameter tree is not the one {who} was built for:\n"
+            f"  features: {table.treedef}\n  neurons=: {neurons.treedef}"
+        )
+    for path, mine, theirs in zip(table.paths, table.shapes, neurons.shapes, strict=True):
+        if tuple(mine) != tuple(theirs):
+            raise StructureError(
+                f"parameter {path}: shape {tuple(mine)} in the features, but {tuple(theirs)} in "
+                f"the neurons= table {who} was built for (a table of another model?)"
+            )
+
+
+def _compact_layouts(active, choices) -> dict:
+    """neuron index -> :class:`~lnb_fast.covariance.GramLayout` for every updated
+    non-covariance neuron whose weight maps onto design rows: its moments are stored as
+    ``(G, d)``."""
     out = {}
-    for j, (neuron, choice) in enumerate(zip(neurons.neurons, choices, strict=True)):
+    for j, (neuron, choice) in enumerate(zip(active, choices, strict=True)):
+        if neuron is None:
+            continue
         layout = gram_layout(neuron)
         if choice.name != "covariance" and not isinstance(layout, str):
             out[j] = layout
@@ -420,55 +578,3 @@ def _broadcast_rows(layout, m):
     """``(G, d)`` -> weight-shaped, every output row a copy of its group's row."""
     G, d = m.shape
     return layout.from_rows(jnp.broadcast_to(m[:, None, :], (G, layout.rows, d)))
-
-
-def _check_structure(table, treedef, leaves, what: str) -> None:
-    if treedef != table.treedef:
-        raise StructureError(
-            f"the {what} tree does not match the parameters the features were captured for:\n"
-            f"  {what}: {treedef}\n  features: {table.treedef}"
-        )
-    for leaf, path, shape in zip(leaves, table.paths, table.shapes, strict=True):
-        if tuple(jnp.shape(leaf)) != tuple(shape):
-            raise StructureError(
-                f"{what} {path}: shape {tuple(jnp.shape(leaf))}, but the features were captured "
-                f"for shape {tuple(shape)}"
-            )
-
-
-def _nonfinite_flags(g_leaves, features: Features):
-    """One flag per gradient leaf, then one per neuron's features: does it hold a NaN/Inf?
-    (The order :func:`_raise_if_nonfinite` names them in.)"""
-    flags = [~jnp.all(jnp.isfinite(g)) for g in g_leaves]
-    flags += [
-        jnp.any(jnp.stack([~jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(v)]))
-        for v in features.values
-    ]
-    return jnp.stack(flags) if flags else jnp.zeros([0], bool)
-
-
-def _describe_flag(table, index: int) -> str:
-    n = len(table.paths)
-    if index < n:
-        return f"the gradient of parameter {table.paths[index]}"
-    neuron = table.neurons[index - n]
-    return f"the input features of the neuron of {neuron.weight_path}"
-
-
-def _raise_if_nonfinite(table, bad) -> None:
-    """Raise :class:`NonFiniteError` naming the first offending leaf; works under ``jit`` (via
-    ``jax.debug.callback``, so the error surfaces when the step's result is read)."""
-
-    def check(flags):
-        flags = np.asarray(flags)
-        if flags.any():
-            names = [_describe_flag(table, int(i)) for i in np.flatnonzero(flags)]
-            raise NonFiniteError(
-                "NaN or Inf in " + "; ".join(names) + ". Refusing to take the step (use "
-                "lnb_fast.lnb(..., nonfinite='skip') to skip such steps instead)"
-            )
-
-    if isinstance(bad, jax.core.Tracer):
-        jax.debug.callback(check, bad)
-    else:
-        check(bad)

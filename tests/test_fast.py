@@ -400,19 +400,27 @@ def test_nonfinite_gradient_raises_naming_the_parameter():
     params, loss, batch = mlp_problem()
     _, grads, feats = lnb_fast.value_and_grad(loss)(params, batch)
     grads[1]["w"] = grads[1]["w"].at[0, 0].set(jnp.nan)
-    opt = lnb_fast.lnb(0.05)
+    opt = lnb_fast.lnb(0.05, nonfinite="raise")
     with pytest.raises(NonFiniteError, match=r"gradient of parameter \[1\]\['w'\]"):
         opt.update(grads, opt.init(params), params, features=feats)
     jitted = jax.jit(lambda g, s, p, f: opt.update(g, s, p, features=f))
-    with pytest.raises(Exception, match=r"NaN or Inf in the gradient of parameter \[1\]\['w'\]"):
-        jax.block_until_ready(jitted(grads, opt.init(params), params, feats))
+    with pytest.raises(ValueError, match=r"only on eager .*check_finite"):
+        jitted(grads, opt.init(params), params, feats)
+    # the default under jit: skipped in the graph, raised on the host by check_finite
+    default = lnb_fast.lnb(0.05)
+    jitted = jax.jit(lambda g, s, p, f: default.update(g, s, p, features=f))
+    _, state = jitted(grads, default.init(params), params, feats)
+    with pytest.raises(
+        NonFiniteError, match=r"NaN or Inf in the gradient of parameter \[1\]\['w'\]"
+    ):
+        lnb_fast.check_finite(state, params)
 
 
 def test_nonfinite_features_raise_or_skip():
     params, loss, batch = mlp_problem()
     _, grads, feats = lnb_fast.value_and_grad(loss)(params, batch)
     bad = type(feats)((feats.values[0], feats.values[1].at[2, 3].set(jnp.inf)), feats.table)
-    opt = lnb_fast.lnb(0.05)
+    opt = lnb_fast.lnb(0.05, nonfinite="raise")
     with pytest.raises(NonFiniteError, match=r"input features of the neuron of \[1\]\['w'\]"):
         opt.update(grads, opt.init(params), params, features=bad)
 
@@ -423,11 +431,15 @@ def test_nonfinite_features_raise_or_skip():
     assert all(float(jnp.abs(u).max()) == 0 for u in jax.tree.leaves(updates))
     assert int(new.skipped) == 1 and int(new.count) == int(state.count) == 1
     for a, b in zip(
-        jax.tree.leaves(new._replace(skipped=0)),
-        jax.tree.leaves(state._replace(skipped=0)),
+        jax.tree.leaves(new._replace(skipped=0, nonfinite=None)),
+        jax.tree.leaves(state._replace(skipped=0, nonfinite=None)),
         strict=True,
     ):
         np.testing.assert_array_equal(a, b)
+    with pytest.raises(
+        NonFiniteError, match=r"input features of the neuron of \[1\]\['w'\] at step 2"
+    ):
+        lnb_fast.check_finite(new, params)
 
 
 def test_clear_errors_for_misuse():

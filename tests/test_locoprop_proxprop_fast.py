@@ -211,7 +211,7 @@ def test_errors_name_what_is_missing():
             opt.update(grads, state, params)
     bad = jax.tree.map(lambda g: g.at[0].set(jnp.nan) if g.ndim == 1 else g, grads)
     with pytest.raises(lnb_fast.NonFiniteError, match=r"\[0\]\['b'\]"):
-        lnb_fast.locoprop_s(0.1).update(bad, state, params, features=feats)
+        lnb_fast.locoprop_s(0.1, nonfinite="raise").update(bad, state, params, features=feats)
     skip = lnb_fast.proxprop(0.1, nonfinite="skip")
     updates, new_state = skip.update(bad, skip.init(params), params, features=feats)
     assert int(new_state.skipped) == 1 and int(new_state.count) == 0
