@@ -246,4 +246,19 @@ def train(
         if not np.isfinite(record["train_loss"][-1]):
             record["diverged"] = True
             break
+    # Steps the optimizer skipped for a NaN/Inf (nonfinite="skip", lnb_fast's default): reported,
+    # not silent, so that a run that kept skipping is told apart from one that trained.
+    record["skipped_steps"] = skipped_steps(state)
+    if record["skipped_steps"]:
+        tqdm.write(f"{spec.label()}: {record['skipped_steps']} steps skipped for NaN/Inf")
     return record
+
+
+def skipped_steps(state) -> int:
+    """The ``skipped`` counters of every lnb_fast state inside an optimizer state (0 if none)."""
+    total = 0
+    if hasattr(state, "skipped") and state.skipped is not None:
+        total += int(np.asarray(state.skipped))
+    if isinstance(state, tuple | list):
+        total += sum(skipped_steps(s) for s in state)
+    return total

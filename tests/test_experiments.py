@@ -171,3 +171,20 @@ def test_lnb_accuracy_is_the_same_on_inverted_digits():
     assert abs(np.mean(gaps["lnb"])) <= 1.0
     # The training losses agree too (measured within 5%; Adam's inverted runs end 17-25% higher).
     assert max(abs(np.log(r)) for r in losses["lnb"]) < np.log(1.1)
+
+
+def test_skipped_steps_are_counted_through_optax_chains():
+    """A run's record reports the steps lnb_fast skipped for NaN/Inf (nonfinite="skip"), found in
+    the optimizer state wherever the LNB state sits in a chain."""
+    import jax.numpy as jnp
+    import optax
+
+    import lnb_fast
+    from lnb.train import skipped_steps
+
+    opt = optax.chain(optax.clip(1.0), lnb_fast.lnb(0.1))
+    state = opt.init({"w": jnp.zeros((2, 2))})
+    assert skipped_steps(state) == 0
+    state = (state[0], state[1]._replace(skipped=jnp.asarray(3)))
+    assert skipped_steps(state) == 3
+    assert skipped_steps(optax.adam(1e-3).init({"w": jnp.zeros(2)})) == 0
