@@ -483,7 +483,7 @@ def scale_by_lnb(
     refresh_every: int = 10,
     covariance_every: int = 1,
     neurons: NeuronTable | None = None,
-    relative_ridge: bool = True,
+    relative_ridge: bool = False,
     step_norm: str = "metric",
     min_descent: float = 0.5,
 ) -> optax.GradientTransformationExtraArgs:
