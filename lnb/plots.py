@@ -16,8 +16,10 @@ def plot_results(results: list[dict], path: str | Path, title: str | None = None
     # matplotlib's object API: no pyplot, no backend switch (safe inside notebooks too).
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(11, 7.5))
-    axes = fig.subplots(2, 2)
+    # Excess loss (matrix factorization) has no test metric: one row of panels, not a blank one.
+    rows = 1 if results[0].get("metric") == "excess loss" else 2
+    fig = Figure(figsize=(11, 4.0 if rows == 1 else 7.5))
+    axes = fig.subplots(rows, 2, squeeze=False)
     styles = ["-", "--", ":"]
     for result, style in zip(results, styles, strict=False):
         label_data = result.get("dataset", {}).get("name", "")
@@ -33,18 +35,16 @@ def plot_results(results: list[dict], path: str | Path, title: str | None = None
                 y = metric if log_loss else train
                 ax.plot(x, y, style, color=color, label=label)
                 ax.set_yscale("log")
-            if not log_loss:
+            if rows == 2:
                 for ax, x in ((axes[1, 0], epochs), (axes[1, 1], wall)):
                     ax.plot(x, metric, style, color=color, label=label)
     metric = results[0].get("metric", "metric")
     first = "excess loss" if metric == "excess loss" else "training loss"
     axes[0, 0].set(xlabel="epoch" if metric != "excess loss" else "step", ylabel=first)
     axes[0, 1].set(xlabel="wall time (s, compilation excluded)", ylabel=first)
-    axes[1, 0].set(xlabel="epoch", ylabel=f"test {metric}")
-    axes[1, 1].set(xlabel="wall time (s, compilation excluded)", ylabel=f"test {metric}")
-    if metric == "excess loss":
-        axes[1, 0].set_visible(False)
-        axes[1, 1].set_visible(False)
+    if rows == 2:
+        axes[1, 0].set(xlabel="epoch", ylabel=f"test {metric}")
+        axes[1, 1].set(xlabel="wall time (s, compilation excluded)", ylabel=f"test {metric}")
     for ax in axes.ravel():
         ax.grid(alpha=0.3)
     axes[0, 0].legend(fontsize=8)
