@@ -223,7 +223,13 @@ class Problem(NamedTuple):
         ~20 runs (CG iterates 3.8e-9), though nothing was wrong; a singular design (``κ = ∞``)
         makes both sides divide rounding noise by rounding noise. Such problems (24% of
         :func:`draw_problem`'s) are drawn again."""
-        C = row_metric(self.case.ref, self.case.X_ref, self.ridge)
+        ref, X = self.case.ref, self.case.X_ref
+        # A weight that never meets an input (a kernel tap that only ever sees padding) has a
+        # zero design column: nothing to compare, and no row of the design to pair it with.
+        Phi = ref.design(X)[..., : ref.row_dim - int(ref.bias)]
+        if not np.all(np.any(Phi != 0, axis=1)):
+            return False
+        C = row_metric(ref, X, self.ridge)
         return all(np.linalg.cond(C_g) <= MAX_CONDITION for C_g in C)
 
 

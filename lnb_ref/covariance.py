@@ -28,7 +28,7 @@ from collections.abc import Sequence
 import numpy as np
 import scipy.linalg
 
-from .lnb import StepInfo, boosting_update, check_options, check_step_inputs
+from .lnb import StepInfo, check_options, check_step_inputs, normalised_step
 from .metric import relative_ridge, ridge_diagonal, row_metric, step_norm
 from .neurons import LinearNeuron
 from .schedules import Schedule, as_schedule
@@ -195,18 +195,8 @@ class CovarianceLNB:
         )
         dots = [step_norm(d, g) for d, g in zip(directions, g_hat, strict=True)]
         norms = self.inverse.norms(directions, g_hat, factors)
-        new, z, raw_z = boosting_update(
-            params,
-            directions,
-            g_hat,
-            eps,
-            self.weight_decay,
-            self.z0,
-            norms if self.step_norm == "metric" else dots,
-        )
-        state = {"t": t, "g": g_ema, "A": A, "factors": factors}
-        info = StepInfo(eps, z, raw_z, directions, [], dots, norms, [False] * len(norms))
-        return new, state, info
+        new, info = normalised_step(self, params, directions, g_hat, eps, dots, norms)
+        return new, {"t": t, "g": g_ema, "A": A, "factors": factors}, info
 
 
 class FOOF:

@@ -134,6 +134,19 @@ class StepInfo:
     restarted: list[bool] = field(default_factory=list)
 
 
+def normalised_step(
+    opt, params, directions, grads, eps, dots, norms, results=(), restarted=None
+) -> tuple[list[np.ndarray], StepInfo]:
+    """:func:`boosting_update` with ``opt``'s ``weight_decay``, ``z0`` and ``step_norm`` (the
+    measured ``norms`` or the paper's ``dots``), and the :class:`StepInfo` of the step."""
+    chosen = norms if opt.step_norm == "metric" else dots
+    new, z, raw_z = boosting_update(
+        params, directions, grads, eps, opt.weight_decay, opt.z0, chosen
+    )
+    restarted = [False] * len(norms) if restarted is None else restarted
+    return new, StepInfo(eps, z, raw_z, directions, list(results), dots, norms, restarted)
+
+
 def solve_online(
     matvec,
     g: np.ndarray,
@@ -230,16 +243,7 @@ class ExactLNB:
         eps = self.epsilon(state["t"])
         directions, norms = self._solve(grads, features)
         dots = [step_norm(d, g) for d, g in zip(directions, grads, strict=True)]
-        new, z, raw_z = boosting_update(
-            params,
-            directions,
-            grads,
-            eps,
-            self.weight_decay,
-            self.z0,
-            norms if self.step_norm == "metric" else dots,
-        )
-        info = StepInfo(eps, z, raw_z, directions, [], dots, norms, [False] * len(norms))
+        new, info = normalised_step(self, params, directions, grads, eps, dots, norms)
         return new, {"t": state["t"] + 1}, info
 
 
@@ -365,14 +369,7 @@ class OnlineLNB:
             norms.append(norm)
             restarted.append(again)
             new_state["theta_hat"].append(result.x)
-        new, z, raw_z = boosting_update(
-            params,
-            directions,
-            g_hat,
-            eps,
-            self.weight_decay,
-            self.z0,
-            norms if self.step_norm == "metric" else dots,
+        new, info = normalised_step(
+            self, params, directions, g_hat, eps, dots, norms, results, restarted
         )
-        info = StepInfo(eps, z, raw_z, directions, results, dots, norms, restarted)
         return new, new_state, info
