@@ -23,7 +23,7 @@ import jax
 from jax import lax
 from jax.extend.core import Literal
 
-from ._jax_compat import bind
+from ._jax_compat import bind, make_varying, untyped_varying, varying_axes
 from .discovery import CUSTOM_CALLS, INLINE_CALLS, NeuronTable, resolve, sub_jaxpr, walk
 from .errors import DiscoveryError
 
@@ -197,6 +197,7 @@ class ValueAndGrad:
         traced = self.trace(params, *args)
         arg_leaves = jax.tree_util.tree_leaves(args)
         param_leaves, treedef = jax.tree_util.tree_flatten(params)
+        _refuse_explicit_sharding(param_leaves, arg_leaves)
 
         def forward(leaves):
             outs, feats = traced.evaluate(leaves, arg_leaves)
@@ -204,10 +205,38 @@ class ValueAndGrad:
             loss, aux = out if self.has_aux else (out, None)
             return loss, (aux, feats)
 
-        (loss, (aux, feats)), grads = jax.value_and_grad(forward, has_aux=True)(param_leaves)
+        # Inside shard_map (check_vma=True) the jaxpr, traced outside it, is replayed untyped,
+        # as under check_vma=False: the loss, gradients and features are this replica's own;
+        # they are then typed as varying over the axes the inputs vary over, which is what
+        # they are (lnb_fast.spmd: the transformation built with axis_name averages them).
+        varying = frozenset().union(*(varying_axes(x) for x in (*param_leaves, *arg_leaves)))
+        with untyped_varying():
+            (loss, (aux, feats)), grads = jax.value_and_grad(forward, has_aux=True)(param_leaves)
+        if varying:
+            axes = tuple(sorted(varying))
+            loss, aux, feats, grads = jax.tree.map(
+                lambda x: make_varying(x, tuple(a for a in axes if a not in varying_axes(x))),
+                (loss, aux, feats, grads),
+            )
         grads = jax.tree_util.tree_unflatten(treedef, grads)
         value = (loss, aux) if self.has_aux else loss
         return value, grads, Features(feats, traced.table)
+
+
+def _refuse_explicit_sharding(*groups) -> None:
+    """A :class:`DiscoveryError` for inputs sharded over an ``Explicit`` mesh axis (JAX ≥ 0.7's
+    sharding in types, ``jax.make_mesh``'s default since 0.9): the loss is traced and replayed
+    on unsharded types. ``Auto`` axes (XLA propagates the shardings) and ``shard_map`` work."""
+    for leaf in (x for group in groups for x in group):
+        sharding = getattr(jax.typeof(leaf), "sharding", None)
+        spec = getattr(sharding, "spec", ())
+        if any(entry is not None for entry in spec):
+            raise DiscoveryError(
+                f"an input of the loss is sharded in its type ({jax.typeof(leaf).str_short()}: "
+                "a mesh with Explicit axes), which lnb_fast.value_and_grad does not follow "
+                "yet; make the mesh with axis_types=(jax.sharding.AxisType.Auto, ...) (XLA then "
+                "shards the step itself) or run the step under jax.shard_map (docs/scaling.md)"
+            )
 
 
 def value_and_grad(loss_fn: Callable, has_aux: bool = False) -> ValueAndGrad:

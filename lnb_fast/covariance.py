@@ -350,6 +350,7 @@ def ema_inverse_step(
     covariance_every: int = 1,
     relative: bool = False,
     ok=None,
+    reduce=None,
 ):
     """One step of the covariance strategy's bookkeeping (and FOOF's): ``(A, A_inv)``.
 
@@ -359,11 +360,14 @@ def ema_inverse_step(
     far; otherwise the stored inverse is kept (stale). ``count`` is the step count before this
     step (0 first: the first step updates and refreshes). ``ok`` (a boolean scalar, or None):
     False keeps both as they were (a skipped step), gated inside the update and the ``lax.cond``
-    so that no extra pass over the matrices is made."""
+    so that no extra pass over the matrices is made. ``reduce`` (data parallelism,
+    :mod:`lnb_fast.spmd`): averages the replicas' ``[C, μ]``."""
 
     def update():
         # the Gram in the EMA's precision (float32 at least: bf16 features are widened first)
         C, mu = gram(layout, jax.tree.map(lambda x: x.astype(A_old.dtype), X), n_samples)
+        if reduce is not None:
+            C, mu = reduce([C, mu])
         return b2 * A_old + (1 - b2) * augmented(layout, C, mu).astype(A_old.dtype)
 
     if isinstance(covariance_every, int) and covariance_every == 1:
@@ -395,6 +399,7 @@ def covariance_direction(
     g,
     relative: bool = False,
     ok=None,
+    reduce=None,
 ):
     """One neuron's step of the covariance strategy (and of FOOF): update ``state = (A, A_inv)``
     by :func:`ema_inverse_step` (gated by ``ok``) and return it with the direction
@@ -411,6 +416,7 @@ def covariance_direction(
         covariance_every,
         relative,
         ok,
+        reduce,
     )
     direction = apply_inverse(layout, inv, g)
     return (A, inv), tuple(d.astype(x.dtype) for d, x in zip(direction, g, strict=True))

@@ -44,6 +44,7 @@ from .plumbing import (
     refuse_multisteps,
     schedule_of,
 )
+from .spmd import axis_tuple, check_axes, shared
 from .transform import _wide, same_model
 
 
@@ -67,6 +68,7 @@ def foof(
     covariance_every: int = 1,
     neurons: NeuronTable | None = None,
     nonfinite: str | None = "skip",
+    axis_name: str | tuple[str, ...] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """FOOF (module docstring). ``update(grads, state, params, features=features)``.
 
@@ -80,6 +82,8 @@ def foof(
             (``lnb_fast.value_and_grad(loss).table(params, batch)``); required, since the state
             holds a ``(G, D, D)`` matrix per neuron.
         nonfinite: ``"skip"`` (default), ``"raise"`` or None, as :func:`lnb_fast.lnb`.
+        axis_name: the mesh axis (or axes) the batch is split over inside ``shard_map``/``pmap``:
+            the gradients and the second moments are averaged over it, as :func:`lnb_fast.lnb`.
 
     Composes with optax's wrappers as :func:`lnb_fast.lnb` does (masked parameters keep their
     values; their neurons hold no matrix).
@@ -95,6 +99,7 @@ def foof(
     refresh_every = every("refresh_every", refresh_every)
     covariance_every = every("covariance_every", covariance_every)
     nonfinite = nonfinite_option(nonfinite)
+    axis_tuple(axis_name)
     schedule, rate_label = schedule_of(learning_rate)
 
     def design_layouts(active):
@@ -131,6 +136,7 @@ def foof(
         g = Aligned(grads, table, "gradients")
         g_leaves = g.leaves
         present = [i for i, x in enumerate(g_leaves) if x is not None]
+        reduce = check_axes("foof", axis_name, ([g_leaves[i] for i in present], features.values))
         guard = Guard(nonfinite, "foof", rate_label, table)
         for i in present:
             guard.add(GRADIENT, i, g_leaves[i])
@@ -140,6 +146,8 @@ def foof(
         for neuron, X, layout in zip(active, features.values, step_layouts, strict=True):
             if layout is not None:
                 guard.add(FEATURES, neuron.weight, X)
+        if reduce:  # the mean gradient, and one replica's NaN skips the step on all
+            g_leaves = shared(reduce, guard, g_leaves)
         t = state.count + 1
         dtype = jnp.result_type(*[g_leaves[i] for i in present]) if present else jnp.float32
         lr = rate_at(schedule, rate_label, state.count, _wide(dtype))
@@ -165,6 +173,7 @@ def foof(
                 covariance_every,
                 neuron.params_of(g_leaves),
                 ok=ok,
+                reduce=reduce.mean if reduce else None,
             )
             neuron.put_params(directions, d)
         updates = [None] * len(g_leaves)

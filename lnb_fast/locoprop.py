@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from ._jax_compat import varying_like
 from .capture import Features
 from .neuron import Neuron
 from .plumbing import (
@@ -55,6 +56,7 @@ from .plumbing import (
     schedule_of,
     static_int,
 )
+from .spmd import Reducer, axis_tuple, check_axes, shared
 
 #: φ for each ``Neuron.transfer`` (all with ``0 ≤ φ' ≤ 1``).
 TRANSFERS: dict[str, Callable[[jax.Array], jax.Array]] = {
@@ -80,18 +82,29 @@ def _zeros_like_params(neuron: Neuron, dtype) -> tuple:
     return tuple(jnp.zeros(s, dtype) for s in shapes)
 
 
-def _pullback(neuron: Neuron, X, dtype) -> Callable[[Any], tuple]:
-    """``u ↦ Jᵀu = Φᵀu / n_i`` (the VJP of the neuron's map, linear in its parameters)."""
-    _, vjp = jax.vjp(lambda th: neuron.apply(X, *th), _zeros_like_params(neuron, dtype))
-    return lambda u: tuple(p / neuron.n_samples for p in vjp(u)[0])
+NO_AXIS = Reducer(())
 
 
-def metric_bound(neuron: Neuron, X, dtype=None):
+def _pullback(neuron: Neuron, X, dtype, reduce: Reducer = NO_AXIS) -> Callable[[Any], tuple]:
+    """``u ↦ Jᵀu = Φᵀu / n_i`` (the VJP of the neuron's map, linear in its parameters); with
+    an axis, averaged over the replicas (the global batch's mean pull-back)."""
+    zeros = varying_like(_zeros_like_params(neuron, dtype), X)  # the replica's own (spmd)
+    _, vjp = jax.vjp(lambda th: neuron.apply(X, *th), zeros)
+    return lambda u: tuple(reduce.mean([p / neuron.n_samples for p in vjp(u)[0]]))
+
+
+def metric_product(neuron: Neuron, X, v, ridge=0.0, reduce: Reducer = NO_AXIS) -> tuple:
+    """``M v`` (:meth:`Neuron.metric_matvec`), averaged over ``reduce``'s axes: the global
+    batch's metric when each replica holds a shard (:mod:`lnb_fast.spmd`)."""
+    return tuple(reduce.mean(neuron.metric_matvec(X, v, ridge)))
+
+
+def metric_bound(neuron: Neuron, X, dtype=None, reduce: Reducer = NO_AXIS):
     """``B = max (M(|X|) 1) ≥ λ_max(M)``: Gershgorin's bound, one metric product on ``|X|``
     (``|Φ(X)| = Φ(|X|)``: design entries are input entries, zeros of a padding, or the bias 1)."""
     dtype = dtype or neuron.x_dtype
     ones = tuple(jnp.ones_like(z) for z in _zeros_like_params(neuron, dtype))
-    Mv = neuron.metric_matvec(jax.tree.map(jnp.abs, X), ones, 0.0)
+    Mv = metric_product(neuron, jax.tree.map(jnp.abs, X), ones, 0.0, reduce)
     return jnp.max(jnp.stack([jnp.max(m) for m in Mv]))
 
 
@@ -105,12 +118,13 @@ def local_step(
     inner_steps: int,
     inner_learning_rate: float | str = "auto",
     transfer: str = "identity",
+    reduce: Reducer = NO_AXIS,
 ) -> tuple:
     """``Δ_J`` after ``inner_steps`` steps ``Δ ← Δ − ρ ∇L(Δ)`` from 0 on one neuron's local loss
     (module docstring); ``transfer="identity"`` is LocoProp-S."""
     dtype = jnp.result_type(*grad)
     rho = (
-        1.0 / (metric_bound(neuron, X, dtype) + proximity)
+        1.0 / (metric_bound(neuron, X, dtype, reduce) + proximity)
         if isinstance(inner_learning_rate, str)
         else jnp.asarray(inner_learning_rate, dtype)
     )
@@ -124,10 +138,10 @@ def local_step(
     if transfer == "identity":  # ∇L_S = (M + κI)Δ + ηg
 
         def gradient(delta):
-            return plus_prox_and_target(neuron.metric_matvec(X, delta, 0.0), delta)
+            return plus_prox_and_target(metric_product(neuron, X, delta, 0.0, reduce), delta)
     else:  # ∇L_M = Jᵀ[φ(f(X; θ_k + Δ)) − φ(z_k)] + ηg + κΔ
         phi = TRANSFERS[transfer]
-        pull = _pullback(neuron, X, dtype)
+        pull = _pullback(neuron, X, dtype, reduce)
         phi_k = phi(neuron.apply(X, *theta))
 
         def gradient(delta):
@@ -149,12 +163,16 @@ def local_transformation(
     per_neuron: Callable[[Neuron, Any, tuple, tuple, jax.Array], tuple],
     nonfinite: str | None,
     rate_name: str = "learning_rate",
+    axis_name=None,
 ) -> optax.GradientTransformationExtraArgs:
     """The optax plumbing shared by LocoProp and ProxProp: checks, identity-metric parameters
-    (``−η g``), ``per_neuron(neuron, X, θ_k, g, η) -> Δ`` for each neuron, ``nonfinite``.
+    (``−η g``), ``per_neuron(neuron, X, θ_k, g, η, reduce) -> Δ`` for each neuron, ``nonfinite``;
+    with ``axis_name`` (:mod:`lnb_fast.spmd`) the gradients are averaged over it and ``reduce``
+    averages the neuron's products.
     Masked parameters (``optax.masked``/``partition``) are not updated and their neurons
     skipped; a neuron whose bias alone is masked is solved without it."""
     nonfinite = nonfinite_option(nonfinite)
+    axis_tuple(axis_name)
     schedule, rate_label = schedule_of(learning_rate, rate_name)
 
     def init(params) -> LocalState:
@@ -182,6 +200,7 @@ def local_transformation(
         g_leaves = g.leaves
         p_leaves = Aligned(params, table, "parameters").leaves
         present = [i for i, x in enumerate(g_leaves) if x is not None]
+        reduce = check_axes(name, axis_name, ([g_leaves[i] for i in present], features.values))
         guard = Guard(nonfinite, name, rate_label, table)
         for i in present:
             guard.add(GRADIENT, i, g_leaves[i])
@@ -190,6 +209,8 @@ def local_transformation(
         for neuron, X in zip(active, features.values, strict=True):
             if neuron is not None:
                 guard.add(FEATURES, neuron.weight, X)
+        if reduce:  # the mean gradient, and one replica's NaN skips the step on all
+            g_leaves = shared(reduce, guard, g_leaves)
         dtype = jnp.result_type(*[g_leaves[i] for i in present]) if present else jnp.float32
         eta = rate_at(schedule, rate_label, state.count, dtype)
         guard.add(RATE, -1, eta)
@@ -200,7 +221,7 @@ def local_transformation(
             if neuron is None:
                 continue
             theta, grad = neuron.params_of(p_leaves), neuron.params_of(g_leaves)
-            neuron.put_params(updates, per_neuron(neuron, X, theta, grad, eta))
+            neuron.put_params(updates, per_neuron(neuron, X, theta, grad, eta, reduce))
         for i in present:
             updates[i] = updates[i].astype(g_leaves[i].dtype)
         new_state = LocalState(state.count + 1, state.skipped, state.nonfinite)
@@ -223,16 +244,27 @@ def _check_args(learning_rate, proximity, inner_steps, inner_learning_rate) -> i
     return inner_steps
 
 
-def _locoprop(name, matched, learning_rate, proximity, inner_steps, inner_learning_rate, nonfinite):
+def _locoprop(
+    name, matched, learning_rate, proximity, inner_steps, inner_learning_rate, nonfinite, axis_name
+):
     inner_steps = _check_args(learning_rate, proximity, inner_steps, inner_learning_rate)
 
-    def per_neuron(neuron, X, theta, grad, eta):
+    def per_neuron(neuron, X, theta, grad, eta, reduce):
         transfer = neuron.transfer if matched else "identity"
         return local_step(
-            neuron, X, theta, grad, eta, proximity, inner_steps, inner_learning_rate, transfer
+            neuron,
+            X,
+            theta,
+            grad,
+            eta,
+            proximity,
+            inner_steps,
+            inner_learning_rate,
+            transfer,
+            reduce,
         )
 
-    return local_transformation(name, learning_rate, per_neuron, nonfinite)
+    return local_transformation(name, learning_rate, per_neuron, nonfinite, axis_name=axis_name)
 
 
 def locoprop_s(
@@ -242,6 +274,7 @@ def locoprop_s(
     inner_steps: int | None = None,
     inner_learning_rate: float | str = "auto",
     nonfinite: str | None = "skip",
+    axis_name: str | tuple[str, ...] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """LocoProp-S: ``inner_steps`` gradient steps on each neuron's squared local loss toward the
     targets ``z_k − η n_i λ_i`` (module docstring); converged, ``−η(M + κI)⁻¹g``.
@@ -266,9 +299,19 @@ def locoprop_s(
             first offender recorded for :func:`lnb_fast.check_finite`), ``"raise"`` (eager
             updates only: :class:`~lnb_fast.errors.NonFiniteError` naming the parameter) or
             None, as :func:`lnb_fast.lnb`.
+        axis_name: the mesh axis (or axes) the batch is split over inside ``shard_map``/``pmap``:
+            the gradients, metric products and pull-backs are averaged over it, as
+            :func:`lnb_fast.lnb`.
     """
     return _locoprop(
-        "locoprop_s", False, learning_rate, proximity, inner_steps, inner_learning_rate, nonfinite
+        "locoprop_s",
+        False,
+        learning_rate,
+        proximity,
+        inner_steps,
+        inner_learning_rate,
+        nonfinite,
+        axis_name,
     )
 
 
@@ -279,11 +322,19 @@ def locoprop_m(
     inner_steps: int | None = None,
     inner_learning_rate: float | str = "auto",
     nonfinite: str | None = "skip",
+    axis_name: str | tuple[str, ...] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """LocoProp-M: as :func:`locoprop_s`, but each neuron's local loss is the Bregman divergence
     matched to its transfer φ (``Neuron.transfer``, found at discovery: a tanh, sigmoid or relu
     that is the only reader of the neuron's output; otherwise identity, i.e. LocoProp-S for that
     neuron). Gradient ``Jᵀ[φ(f(X; θ_k + Δ)) − φ(z_k)] + ηg + κΔ``; same arguments."""
     return _locoprop(
-        "locoprop_m", True, learning_rate, proximity, inner_steps, inner_learning_rate, nonfinite
+        "locoprop_m",
+        True,
+        learning_rate,
+        proximity,
+        inner_steps,
+        inner_learning_rate,
+        nonfinite,
+        axis_name,
     )

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from ._jax_compat import bind
+from ._jax_compat import bind, varying_like
 
 Params = tuple  # (w,) or (w, b): the neuron's parameters, in the user's layouts
 
@@ -135,7 +135,8 @@ class Neuron:
     def metric_matvec(self, X, v: Params, ridge: float = 0.0) -> Params:
         """``M v = Jᵀ (J v) / n_i + γ v_w`` (Eq. 11 and §3.4): one forward of the neuron's own map
         with parameters ``v`` (which *is* ``J v``) and its VJP. Nothing ``P × P`` is built."""
-        Jv, pullback = jax.vjp(lambda th: self.apply(X, *th), tuple(v))
+        v = varying_like(tuple(v), X)  # the replica's own product under shard_map (spmd)
+        Jv, pullback = jax.vjp(lambda th: self.apply(X, *th), v)
         out = list(pullback(Jv)[0])
         out = [o / self.n_samples for o in out]
         out[0] = out[0] + ridge * v[0]
@@ -145,6 +146,7 @@ class Neuron:
         """``(mean(Φ), mean(Φ ⊙ Φ))`` per design column, shaped like the weight (Alg. 2, lines
         6–7): ``Jᵀ 1 / n_i`` for inputs ``X`` and ``X ⊙ X``."""
         zero = jnp.zeros(self.weight_shape, jnp.result_type(*jax.tree.leaves(X)))
+        zero = varying_like(zero, X)  # the replica's own moments under shard_map (spmd)
         apply = self.apply
         if self.free_axes is not None:
             # Dense: the design rows are X's sample axes, so sum them first (keeping them as

@@ -27,17 +27,18 @@ from collections.abc import Callable
 import jax
 import optax
 
-from .locoprop import local_transformation
+from .locoprop import NO_AXIS, local_transformation, metric_product
 from .neuron import Neuron
 from .pcg import pcg
 from .plumbing import check_rate, static_int
 
 
-def proximal_step(neuron: Neuron, X, grad: tuple, tau, cg_iterations: int) -> tuple:
-    """``Δ ≈ −τ (I + τM)⁻¹ g`` by ``cg_iterations`` CG steps from 0 (module docstring)."""
+def proximal_step(neuron: Neuron, X, grad: tuple, tau, cg_iterations: int, reduce=NO_AXIS) -> tuple:
+    """``Δ ≈ −τ (I + τM)⁻¹ g`` by ``cg_iterations`` CG steps from 0 (module docstring); with an
+    axis, ``M`` of the global batch (:mod:`lnb_fast.spmd`)."""
 
     def matvec(v):
-        Mv = neuron.metric_matvec(X, v, 0.0)
+        Mv = metric_product(neuron, X, v, 0.0, reduce)
         return tuple(u + tau * m for u, m in zip(v, Mv, strict=True))
 
     return pcg(matvec, tuple(-tau * g for g in grad), cg_iterations).x
@@ -48,6 +49,7 @@ def proxprop(
     *,
     cg_iterations: int | None = None,
     nonfinite: str | None = "skip",
+    axis_name: str | tuple[str, ...] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """ProxProp: ``θ ← θ_k − τ (I + τM)⁻¹ g`` per neuron, by CG (module docstring).
 
@@ -64,12 +66,16 @@ def proxprop(
         cg_iterations: CG iterations from 0 per neuron and step (None: 3); a Python integer
             (unrolled at trace time), as :func:`lnb_fast.lnb`'s.
         nonfinite: ``"skip"`` (default), ``"raise"`` or None, as :func:`lnb_fast.lnb`.
+        axis_name: the mesh axis (or axes) the batch is split over inside ``shard_map``/``pmap``:
+            the gradients and metric products are averaged over it, as :func:`lnb_fast.lnb`.
     """
     check_rate("tau", tau, positive=True)
     cg_iterations = static_int("cg_iterations", 3 if cg_iterations is None else cg_iterations)
 
-    def per_neuron(neuron, X, theta, grad, tau_now):
+    def per_neuron(neuron, X, theta, grad, tau_now, reduce):
         del theta
-        return proximal_step(neuron, X, grad, tau_now, cg_iterations)
+        return proximal_step(neuron, X, grad, tau_now, cg_iterations, reduce)
 
-    return local_transformation("proxprop", tau, per_neuron, nonfinite, rate_name="tau")
+    return local_transformation(
+        "proxprop", tau, per_neuron, nonfinite, rate_name="tau", axis_name=axis_name
+    )

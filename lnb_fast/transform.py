@@ -75,6 +75,7 @@ from .plumbing import (
     schedule_of,
     static_int,
 )
+from .spmd import axis_tuple, check_axes, shared
 from .strategy import check_strategy, plan, plan_active
 
 STEP_NORMS = ("metric", "paper")
@@ -138,6 +139,7 @@ def lnb(
     relative_ridge: bool = False,
     step_norm: str = "metric",
     min_descent: float = 0.5,
+    axis_name: str | tuple[str, ...] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Online Linear Neuron Boosting (Algorithm 2) as an optax transformation.
 
@@ -211,6 +213,13 @@ def lnb(
         min_descent: a warm-started θ̂ with ``θ̂ · ĝ ≤ min_descent · θ̂ᵀ(M + γ)θ̂`` is recomputed
             by PCG from 0 (which descends: ``θ̂ · ĝ = θ̂ᵀ(M + γ)θ̂``); 0 restarts only directions
             that point uphill. ``LNBState.restarts`` counts them.
+        axis_name: the mesh axis (or tuple of axes) the batch is split over when ``update``
+            runs inside ``jax.shard_map`` or ``pmap`` (data parallelism): the gradients, the
+            feature moments, the Grams and the metric products are averaged over it
+            (``jax.lax.pmean``), so every replica takes the step of the global batch
+            (:mod:`lnb_fast.spmd`; docs/scaling.md). None (default): no mapped axis; under
+            ``jax.jit`` with a sharded batch XLA reduces by itself. Running under a mapped axis
+            the batch varies over without naming it is an error, not a silent drift.
 
     Python numbers are validated here (arrays, which ``inject_hyperparams`` passes, go through):
     a negative, NaN or infinite ``learning_rate``, ``weight_decay``, ``ridge`` or ``z0`` is a
@@ -230,6 +239,7 @@ def lnb(
     refresh_every = every("refresh_every", refresh_every)
     covariance_every = every("covariance_every", covariance_every)
     check_strategy(strategy)
+    axis_tuple(axis_name)  # a clear TypeError now rather than in update
     if neurons is not None and not isinstance(neurons, NeuronTable):
         raise TypeError(
             "neurons must be a lnb_fast.NeuronTable (lnb_fast.value_and_grad(loss).table(params, "
@@ -313,8 +323,8 @@ def lnb(
         if neurons is not None:
             same_model(neurons, table, "lnb_fast.lnb(neurons=...)")
         g = Aligned(grads, table, "gradients")
-        g_leaves = g.leaves
-        present = [i for i, x in enumerate(g_leaves) if x is not None]
+        present = [i for i, x in enumerate(g.leaves) if x is not None]
+        reduce = check_axes("lnb", axis_name, ([g.leaves[i] for i in present], features.values))
         p_leaves = None
         if params is not None:
             p_leaves = Aligned(params, table, "parameters").leaves
@@ -331,10 +341,21 @@ def lnb(
         compact = _compact_layouts(active, step_choices) if neurons is not None else {}
         guard = Guard(nonfinite, "lnb", rate_label, table)
         for i in present:
-            guard.add(GRADIENT, i, g_leaves[i])
+            guard.add(GRADIENT, i, g.leaves[i])
         for neuron, X in zip(active, features.values, strict=True):
             if neuron is not None:
                 guard.add(FEATURES, neuron.weight, X)
+        # This batch's statistics of every non-covariance neuron: the feature moments (l. 6–7)
+        # and, for "gram", the Gram and mean (Eq. 11–12). Means over the design rows: with
+        # axis_name they are averaged over the replicas together with the gradients and the
+        # non-finite flags, in one all-reduce (lnb_fast.spmd).
+        stats = [None] * len(active)
+        for j, (neuron, X) in enumerate(zip(active, features.values, strict=True)):
+            if neuron is not None and step_choices[j].name != "covariance":
+                stats[j] = neuron.moments(X)
+                if step_choices[j].name == "gram":
+                    stats[j] += gram(step_choices[j].layout, X, neuron.n_samples)
+        g_leaves, stats = _shared(reduce, guard, list(g.leaves), stats)
 
         read = lambda tree: Aligned(tree, table, "state", shapes=False).leaves  # noqa: E731
         mu_leaves, chi_leaves = read(state.mean), read(state.second_moment)
@@ -386,12 +407,13 @@ def lnb(
                     g_j,
                     relative_ridge,
                     ok,
+                    reduce=reduce.mean if reduce else None,
                 )
                 neuron.put_params(directions, d)
                 dots.append(tree_vdot(d, g_j).astype(wide))
                 norms.append(dots[-1])
                 continue
-            mean, second = neuron.moments(X)
+            mean, second = stats[j][:2]
             i = neuron.weight
             layout = compact.get(j)
             if layout is not None:  # compact: one row per group, (G, d)
@@ -409,10 +431,14 @@ def lnb(
             P = neuron.preconditioner(mu_hat, chi_hat, gamma) if precondition else None
             x0 = neuron.params_of(d_leaves) if warm_start else None
             if choice.name == "gram":  # the same PCG, products on the minibatch's Gram
-                C, mu_g = gram(choice.layout, X, neuron.n_samples)
+                C, mu_g = stats[j][2:]
                 gamma_rows = gamma if jnp.ndim(gamma) == 0 else choice.layout.to_rows(gamma)
                 matvec = lambda v, ly=choice.layout, C=C, mu=mu_g, r=gamma_rows: gram_matvec(  # noqa: E731
                     ly, C, mu, v, r
+                )
+            elif reduce:  # the replicas' products averaged: the global batch's M v
+                matvec = lambda v, neuron=neuron, X=X, r=gamma: tuple(  # noqa: E731
+                    reduce.mean(neuron.metric_matvec(X, v, r))
                 )
             else:
                 matvec = lambda v, neuron=neuron, X=X, r=gamma: neuron.metric_matvec(X, v, r)  # noqa: E731
@@ -486,6 +512,7 @@ def scale_by_lnb(
     relative_ridge: bool = False,
     step_norm: str = "metric",
     min_descent: float = 0.5,
+    axis_name: str | tuple[str, ...] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """LNB's direction in optax's shape: ``θ̂ / √z``, of squared length 1 in the metric (the
     solve, the moments, the gradient EMA and the non-finite guard of :func:`lnb`; state
@@ -517,6 +544,7 @@ def scale_by_lnb(
         relative_ridge=relative_ridge,
         step_norm=step_norm,
         min_descent=min_descent,
+        axis_name=axis_name,
     )
 
     def update(grads, state: LNBState, params=None, **extra_args):
@@ -578,3 +606,20 @@ def _broadcast_rows(layout, m):
     """``(G, d)`` -> weight-shaped, every output row a copy of its group's row."""
     G, d = m.shape
     return layout.from_rows(jnp.broadcast_to(m[:, None, :], (G, layout.rows, d)))
+
+
+def _shared(reduce, guard, g_leaves: list, stats: list):
+    """``(g_leaves, stats)`` averaged over ``reduce``'s axes, and ``guard``'s flags so far made
+    the same on every replica (any replica's non-finite value counts), all in one all-reduce
+    (:meth:`lnb_fast.spmd.Reducer.mean`). Without an axis: unchanged."""
+    if not reduce:
+        return g_leaves, stats
+    sizes = [0 if s is None else len(s) for s in stats]
+    flat = [x for s in stats if s is not None for x in s]
+    out = shared(reduce, guard, g_leaves, flat)
+    g_leaves, flat = out[: len(g_leaves)], out[len(g_leaves) :]
+    stats, k = [], 0
+    for size in sizes:
+        stats.append(tuple(flat[k : k + size]) if size else None)
+        k += size
+    return g_leaves, stats

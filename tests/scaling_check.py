@@ -1,0 +1,228 @@
+"""Data-parallel steps of every lnb_fast transformation against the single-device step on the
+global batch, on 8 simulated CPU devices; run by ``tests/test_scaling.py`` in a subprocess (the
+device count is fixed when JAX starts, and the rest of the suite keeps one device).
+
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/scaling_check.py
+
+prints one JSON object: per transformation and recipe the largest relative difference of the
+parameters after ``STEPS`` steps; the caller asserts on it. float64 throughout: the sharded runs
+differ from the single-device run only by the order of the sums over the batch (a mean of 8
+shard means instead of one mean), i.e. by rounding of order ``n·eps`` per sum, amplified by the
+few PCG iterations and the Cholesky of a ridge-damped metric (κ ≤ 1e3 here), so 1e-9 leaves
+several orders of magnitude; a missing reduction (one replica's features) moves the step by O(1).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+DEVICES = 8
+STEPS = 2  # the covariance strategies refresh at step 1 and use a stale inverse at step 2
+#: the recipes each transformation runs under, besides shard_map (every one): compiling for
+#: 8 devices dominates the time, so each other recipe is checked on a few transformations
+JIT = ("lnb-auto", "lnb-covariance", "locoprop_m")
+UNCHECKED = ("lnb-matrix-free", "foof")
+
+if __name__ == "__main__":
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_force_host_platform_device_count" not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={DEVICES}"
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+from jax.sharding import AxisType, NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+
+import lnb_fast  # noqa: E402
+
+jax.config.update("jax_enable_x64", True)
+
+BATCH = 32  # 4 rows per device
+
+
+def problem(seed: int = 0):
+    """A small MLP (6 → 8 → 8 → 3, biases, tanh then relu) and a batch of ``BATCH`` rows."""
+    rng = np.random.default_rng(seed)
+    sizes = (6, 8, 8, 3)
+    params = {
+        f"layer{i}": {
+            "w": jnp.asarray(rng.normal(size=(a, b)) / np.sqrt(a)),
+            "b": jnp.asarray(0.1 * rng.normal(size=b)),
+        }
+        for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True))
+    }
+    x = jnp.asarray(rng.normal(size=(BATCH, sizes[0])) + 0.5)
+    y = jax.nn.one_hot(rng.integers(0, sizes[-1], BATCH), sizes[-1])
+    return params, x, y
+
+
+def loss_fn(params, x, y):
+    h = jnp.tanh(x @ params["layer0"]["w"] + params["layer0"]["b"])
+    h = jax.nn.relu(h @ params["layer1"]["w"] + params["layer1"]["b"])
+    logits = h @ params["layer2"]["w"] + params["layer2"]["b"]
+    return -jnp.mean(jnp.sum(jax.nn.log_softmax(logits) * y, axis=-1))
+
+
+def transformations(table, axis_name=None):
+    """Every transformation, built for ``axis_name`` (None: single device or jit)."""
+    kw = {"axis_name": axis_name}
+    out = {
+        f"lnb-{s}": lnb_fast.lnb(
+            0.05, strategy=s, neurons=table, refresh_every=2, cg_iterations=3, **kw
+        )
+        for s in ("auto", "matrix-free", "gram", "covariance")
+    }
+    out["foof"] = lnb_fast.foof(0.1, neurons=table, refresh_every=2, **kw)
+    out["locoprop_s"] = lnb_fast.locoprop_s(1.0, **kw)
+    out["locoprop_m"] = lnb_fast.locoprop_m(1.0, **kw)
+    out["proxprop"] = lnb_fast.proxprop(1.0, **kw)
+    return out
+
+
+def make_step(opt, vgf):
+    def step(params, state, x, y):
+        _, grads, features = vgf(params, x, y)
+        updates, state = opt.update(grads, state, params, features=features)
+        return optax.apply_updates(params, updates), state
+
+    return step
+
+
+def make_runs(opts: dict, vgf, stacked: bool = False):
+    """One function running ``STEPS`` steps of every transformation in ``opts`` from the same
+    parameters: ``(params, x, y) -> {name: params}`` (with ``stacked``, each replica's copy on
+    a new leading axis). One program instead of one per transformation: compiling for 8 devices
+    is most of the time."""
+
+    def runs(params, x, y):
+        out = {}
+        for name, opt in opts.items():
+            p, state, step = params, opt.init(params), make_step(opt, vgf)
+            for _ in range(STEPS):
+                p, state = step(p, state, x, y)
+            out[name] = jax.tree.map(lambda a: a[None], p) if stacked else p
+        return out
+
+    return runs
+
+
+def rel(a, b) -> float:
+    leaves = zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+    return max(
+        float(np.max(np.abs(np.asarray(u) - np.asarray(v))) / max(np.max(np.abs(v)), 1e-300))
+        for u, v in leaves
+    )
+
+
+def spread(stacked) -> float:
+    """How far the replicas' copies (stacked on axis 0) are from replica 0's."""
+    return max(
+        float(np.max(np.abs(np.asarray(s) - np.asarray(s)[:1]))) for s in jax.tree.leaves(stacked)
+    )
+
+
+def main() -> dict:
+    assert jax.device_count() == DEVICES, jax.devices()
+    params, x, y = problem()
+    vgf = lnb_fast.value_and_grad(loss_fn)
+    table = vgf.table(params, x, y)
+    local_table = vgf.table(params, x[: BATCH // DEVICES], y[: BATCH // DEVICES])
+    mesh = jax.make_mesh((DEVICES,), ("data",), axis_types=(AxisType.Explicit,))
+    auto_mesh = jax.make_mesh((DEVICES,), ("data",), axis_types=(AxisType.Auto,))
+    batch = NamedSharding(mesh, P("data"))
+    xs, ys = jax.device_put(x, batch), jax.device_put(y, batch)
+    singles = transformations(table)
+    sharded = transformations(local_table, "data")
+    single = jax.jit(make_runs(singles, vgf))(params, x, y)
+    results: dict = {name: {} for name in singles}
+
+    # (b) shard_map over "data" (default check_vma=True), axis_name="data"; out_specs=P()
+    # asserts (by type) that parameters come out the same on every replica
+    got = jax.jit(
+        jax.shard_map(
+            make_runs(sharded, vgf),
+            mesh=mesh,
+            in_specs=(P(), P("data"), P("data")),
+            out_specs=P(),
+        )
+    )(params, xs, ys)
+    for name in singles:
+        results[name]["shard_map"] = rel(got[name], single[name])
+
+    # (a) jit + NamedSharding: the single-device code, batch split, params replicated
+    split = NamedSharding(auto_mesh, P("data"))
+    got = jax.jit(make_runs({k: singles[k] for k in JIT}, vgf))(
+        jax.device_put(params, NamedSharding(auto_mesh, P())),
+        jax.device_put(x, split),
+        jax.device_put(y, split),
+    )
+    for name in JIT:
+        results[name]["jit"] = rel(got[name], single[name])
+
+    # (b') check_vma=False: every replica's parameters returned, equal and equal to single
+    got = jax.jit(
+        jax.shard_map(
+            make_runs({k: sharded[k] for k in UNCHECKED}, vgf, stacked=True),
+            mesh=mesh,
+            in_specs=(P(), P("data"), P("data")),
+            out_specs=P("data"),
+            check_vma=False,
+        )
+    )(params, xs, ys)
+    for name in UNCHECKED:
+        results[name]["unchecked_spread"] = spread(got[name])
+        first = jax.tree.map(lambda a: np.asarray(a)[0], got[name])
+        results[name]["unchecked"] = rel(first, single[name])
+    results["errors"] = error_cases(params, x, y, vgf, mesh, xs, ys, single["lnb-auto"])
+    return results
+
+
+def error_cases(params, x, y, vgf, mesh, xs, ys, single) -> dict:
+    """What each misuse raises (the exception's class name and the start of its message)."""
+    out = {}
+
+    def attempt(label, fn):
+        try:
+            fn()
+            out[label] = "no error"
+        except Exception as err:  # noqa: BLE001 - recorded for the caller to assert on
+            out[label] = f"{type(err).__name__}: {err}"
+
+    for check_vma in (True, False):
+        opt = lnb_fast.lnb(0.05)
+        step = jax.shard_map(
+            make_step(opt, vgf),
+            mesh=mesh,
+            in_specs=(P(), P(), P("data"), P("data")),
+            out_specs=(P(), P()),
+            check_vma=check_vma,
+        )
+        attempt(
+            f"shard_map(check_vma={check_vma}) without axis_name",
+            lambda step=step, opt=opt: jax.jit(step)(params, opt.init(params), xs, ys),
+        )
+    opt = lnb_fast.lnb(0.05)
+    pm = jax.pmap(make_step(opt, vgf), in_axes=(None, None, 0, 0))
+    xb, yb = (a.reshape(DEVICES, -1, a.shape[-1]) for a in (x, y))
+    attempt("pmap without axis_name", lambda: pm(params, opt.init(params), xb, yb))
+    opt = lnb_fast.lnb(0.05, axis_name="data")
+    attempt(
+        "axis_name under plain jit",
+        lambda: jax.jit(make_step(opt, vgf))(params, opt.init(params), x, y),
+    )
+    # pmap with axis_name: correct (every replica the global-batch step of lnb-auto)
+    opt = lnb_fast.lnb(0.05, refresh_every=2, cg_iterations=3, axis_name="i")
+    got = jax.pmap(make_runs({"lnb": opt}, vgf), axis_name="i", in_axes=(None, 0, 0))(
+        params, xb, yb
+    )["lnb"]
+    out["pmap with axis_name: spread"] = spread(got)
+    out["pmap with axis_name: rel"] = rel(jax.tree.map(lambda a: np.asarray(a)[0], got), single)
+    return out
+
+
+if __name__ == "__main__":
+    json.dump(main(), sys.stdout, indent=1)

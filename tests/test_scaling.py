@@ -1,0 +1,138 @@
+"""Data parallelism (docs/scaling.md): every transformation takes the single-device step of the
+global batch under ``jax.jit`` + ``NamedSharding``, ``shard_map`` and ``pmap`` on 8 simulated
+CPU devices, and across 2 processes (``jax.distributed``); misuse is an error, not a drift.
+
+The device count is fixed when JAX starts, so the 8-device checks run in a subprocess
+(``tests/scaling_check.py``, which documents the 1e-9 tolerance) and this module keeps the
+suite's single device.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("jax")
+
+ROOT = Path(__file__).resolve().parents[1]
+TOL = 1e-9  # float64; see tests/scaling_check.py (a missing reduction moves the step by O(1))
+
+
+def _env(**extra) -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    env.update(OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", **extra)
+    return env
+
+
+@pytest.fixture(scope="module")
+def eight_devices() -> dict:
+    flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "scaling_check.py")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=_env(XLA_FLAGS=flags, JAX_PLATFORMS="cpu"),
+        cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    return json.loads(done.stdout)
+
+
+NAMES = [
+    "lnb-auto",
+    "lnb-matrix-free",
+    "lnb-gram",
+    "lnb-covariance",
+    "foof",
+    "locoprop_s",
+    "locoprop_m",
+    "proxprop",
+]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_shard_map_takes_the_global_batch_step(eight_devices, name):
+    row = eight_devices[name]
+    assert row["shard_map"] <= TOL, row
+    for recipe in ("jit", "unchecked"):  # where this transformation was run under it
+        if recipe in row:
+            assert row[recipe] <= TOL, (recipe, row)
+    if "unchecked_spread" in row:  # check_vma=False: every replica holds the same parameters
+        assert row["unchecked_spread"] == 0.0, row
+
+
+def test_every_recipe_was_checked(eight_devices):
+    recipes = {k for name in NAMES for k in eight_devices[name]}
+    assert {"shard_map", "jit", "unchecked", "unchecked_spread"} <= recipes
+
+
+def test_pmap_with_axis_name_is_the_global_batch_step(eight_devices):
+    errors = eight_devices["errors"]
+    assert errors["pmap with axis_name: spread"] == 0.0
+    assert errors["pmap with axis_name: rel"] <= TOL
+
+
+@pytest.mark.parametrize(
+    "case, words",
+    [
+        ("shard_map(check_vma=True) without axis_name", "axis_name='data'"),
+        ("shard_map(check_vma=False) without axis_name", "axis_name='data'"),
+        ("pmap without axis_name", "pmap(..., axis_name='i')"),
+        ("axis_name under plain jit", "leave it None"),
+    ],
+)
+def test_a_missing_or_wrong_axis_is_an_error(eight_devices, case, words):
+    message = eight_devices["errors"][case]
+    assert message.startswith("AxisError: "), message
+    assert words in message, message
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_take_the_global_batch_step():
+    """``jax.distributed`` with 2 local processes, CPU collectives by gloo (recipe (c))."""
+    port = _free_port()
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(ROOT / "tests" / "multiprocess_check.py"), str(port), str(i), "2"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=_env(JAX_PLATFORMS="cpu"),
+            cwd=ROOT,
+        )
+        for i in range(2)
+    ]
+    outs = []
+    try:
+        for proc in procs:
+            out, err = proc.communicate(timeout=600)
+            outs.append((proc.returncode, out, err))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    for code, _, err in outs:
+        if code != 0 and "gloo" in err.lower() and "not" in err.lower() and "built" in err.lower():
+            pytest.skip(f"this jaxlib has no gloo CPU collectives: {err[-300:]}")
+        assert code == 0, err[-4000:]
+    results = [json.loads(out) for _, out, _ in outs]
+    assert results[0] == results[1]  # both processes hold the same parameters
+    got = results[0]
+    assert (got["devices"], got["processes"]) == (2, 2)
+    for key, value in got.items():
+        if key not in ("devices", "processes"):
+            assert value <= TOL, (key, value)
