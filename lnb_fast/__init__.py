@@ -27,6 +27,7 @@ if TYPE_CHECKING:  # the eager imports, for type checkers and IDEs
     from .describe import describe, format_table
     from .discovery import NeuronTable
     from .errors import (
+        AxisError,
         CompositionError,
         DiscoveryError,
         LNBError,
@@ -39,6 +40,7 @@ if TYPE_CHECKING:  # the eager imports, for type checkers and IDEs
     from .pcg import PCGResult, pcg
     from .plumbing import check_finite
     from .proxprop import proxprop
+    from .spmd import state_specs
     from .strategy import STRATEGIES
     from .tagging import tag_neuron
     from .transform import LNBState, lnb, scale_by_lnb
@@ -51,6 +53,7 @@ _SOURCES = {
     "describe": "describe",
     "format_table": "describe",
     "NeuronTable": "discovery",
+    "AxisError": "errors",
     "CompositionError": "errors",
     "DiscoveryError": "errors",
     "LNBError": "errors",
@@ -66,6 +69,7 @@ _SOURCES = {
     "pcg": "pcg",
     "check_finite": "plumbing",
     "proxprop": "proxprop",
+    "state_specs": "spmd",
     "STRATEGIES": "strategy",
     "tag_neuron": "tagging",
     "LNBState": "transform",
@@ -74,6 +78,7 @@ _SOURCES = {
 }
 
 __all__ = [
+    "AxisError",
     "CompositionError",
     "DiscoveryError",
     "FOOFState",
@@ -98,6 +103,7 @@ __all__ = [
     "pcg",
     "proxprop",
     "scale_by_lnb",
+    "state_specs",
     "tag_neuron",
     "value_and_grad",
 ]

@@ -351,6 +351,7 @@ def ema_inverse_step(
     relative: bool = False,
     ok=None,
     reduce=None,
+    shared=None,
 ):
     """One step of the covariance strategy's bookkeeping (and FOOF's): ``(A, A_inv)``.
 
@@ -360,8 +361,10 @@ def ema_inverse_step(
     far; otherwise the stored inverse is kept (stale). ``count`` is the step count before this
     step (0 first: the first step updates and refreshes). ``ok`` (a boolean scalar, or None):
     False keeps both as they were (a skipped step), gated inside the update and the ``lax.cond``
-    so that no extra pass over the matrices is made. ``reduce`` (data parallelism,
-    :mod:`lnb_fast.spmd`): averages the replicas' ``[C, μ]``."""
+    so that no extra pass over the matrices is made. Data parallelism (:mod:`lnb_fast.spmd`):
+    ``reduce`` averages the replicas' ``[C, μ]`` every step; or ``shared`` averages their
+    ``A`` on refresh steps only, each replica keeping the EMA of its own shard (an EMA is
+    linear: the mean of the replicas' EMAs is the EMA of the global batch's moments)."""
 
     def update():
         # the Gram in the EMA's precision (float32 at least: bf16 features are widened first)
@@ -380,7 +383,7 @@ def ema_inverse_step(
     refresh = count % refresh_every == 0
     inv = lax.cond(
         refresh if ok is None else refresh & ok,
-        lambda: damped_inverse(layout, A / c2, ridge, relative),
+        lambda: damped_inverse(layout, (A if shared is None else shared(A)) / c2, ridge, relative),
         lambda: inv_old,
     )
     return A, inv
@@ -400,6 +403,7 @@ def covariance_direction(
     relative: bool = False,
     ok=None,
     reduce=None,
+    shared=None,
 ):
     """One neuron's step of the covariance strategy (and of FOOF): update ``state = (A, A_inv)``
     by :func:`ema_inverse_step` (gated by ``ok``) and return it with the direction
@@ -417,6 +421,7 @@ def covariance_direction(
         relative,
         ok,
         reduce,
+        shared,
     )
     direction = apply_inverse(layout, inv, g)
     return (A, inv), tuple(d.astype(x.dtype) for d, x in zip(direction, g, strict=True))

@@ -25,3 +25,8 @@ class NonFiniteError(LNBError, FloatingPointError):
 
 class CompositionError(LNBError):
     """An optax wrapper the transformation cannot run under (``optax.MultiSteps``), named."""
+
+
+class AxisError(LNBError):
+    """A transformation runs under a mapped mesh axis (``shard_map``, ``pmap``) that its
+    ``axis_name`` does not name, or names an axis it does not run under (docs/scaling.md)."""

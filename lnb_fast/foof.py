@@ -44,7 +44,15 @@ from .plumbing import (
     refuse_multisteps,
     schedule_of,
 )
-from .spmd import axis_tuple, check_axes, shared
+from .spmd import (
+    axis_tuple,
+    check_axes,
+    check_sync,
+    covariance_reducers,
+    covariance_state,
+    shared,
+    unwrapped,
+)
 from .transform import _wide, same_model
 
 
@@ -69,6 +77,7 @@ def foof(
     neurons: NeuronTable | None = None,
     nonfinite: str | None = "skip",
     axis_name: str | tuple[str, ...] | None = None,
+    covariance_sync: str = "step",
 ) -> optax.GradientTransformationExtraArgs:
     """FOOF (module docstring). ``update(grads, state, params, features=features)``.
 
@@ -84,6 +93,7 @@ def foof(
         nonfinite: ``"skip"`` (default), ``"raise"`` or None, as :func:`lnb_fast.lnb`.
         axis_name: the mesh axis (or axes) the batch is split over inside ``shard_map``/``pmap``:
             the gradients and the second moments are averaged over it, as :func:`lnb_fast.lnb`.
+        covariance_sync: ``"step"`` or ``"refresh"``, as :func:`lnb_fast.lnb`'s.
 
     Composes with optax's wrappers as :func:`lnb_fast.lnb` does (masked parameters keep their
     values; their neurons hold no matrix).
@@ -100,6 +110,7 @@ def foof(
     covariance_every = every("covariance_every", covariance_every)
     nonfinite = nonfinite_option(nonfinite)
     axis_tuple(axis_name)
+    check_sync(covariance_sync)
     schedule, rate_label = schedule_of(learning_rate)
 
     def design_layouts(active):
@@ -114,7 +125,10 @@ def foof(
         cov = tuple(
             None
             if ly is None
-            else tuple(jnp.zeros((ly.groups, ly.aug, ly.aug), dtype) for _ in "AB")
+            else covariance_state(
+                tuple(jnp.zeros((ly.groups, ly.aug, ly.aug), dtype) for _ in "AB"),
+                covariance_sync,
+            )
             for ly in layouts
         )
         return FOOFState(
@@ -161,11 +175,12 @@ def foof(
         ):
             if layout is None:
                 continue
+            pair, marked = unwrapped(state.covariance[j])
             cov[j], d = covariance_direction(
                 layout,
                 neuron,
                 X,
-                state.covariance[j],
+                pair,
                 state.count,
                 b2,
                 damping,
@@ -173,8 +188,9 @@ def foof(
                 covariance_every,
                 neuron.params_of(g_leaves),
                 ok=ok,
-                reduce=reduce.mean if reduce else None,
+                **covariance_reducers(reduce, covariance_sync),
             )
+            cov[j] = marked(cov[j])
             neuron.put_params(directions, d)
         updates = [None] * len(g_leaves)
         for i in present:

@@ -36,15 +36,11 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from ._jax_compat import checks_varying, make_varying, manual_axes, varying_axes
-from .errors import LNBError
-
-
-class AxisError(LNBError):
-    """A transformation runs under a mapped mesh axis it was not told about (or was told about
-    one it does not run under)."""
+from .errors import AxisError
 
 
 def axis_tuple(axis_name) -> tuple:
@@ -58,6 +54,26 @@ def axis_tuple(axis_name) -> tuple:
     raise TypeError(
         f"axis_name must be None, a mesh axis name (str) or a tuple of them, got {axis_name!r}"
     )
+
+
+class Symmetric:
+    """A symmetric matrix (or a stack of them, ``(..., d, d)``) handed to :meth:`Reducer.mean`:
+    only its upper triangle, ``d(d + 1)/2`` entries, is reduced (the Grams ``C`` of Eq. 11)."""
+
+    def __init__(self, matrix):
+        self.matrix = matrix
+
+    def pack(self):
+        d = self.matrix.shape[-1]
+        rows, cols = np.triu_indices(d)
+        return self.matrix[..., rows, cols]
+
+    def unpack(self, packed):
+        d = self.matrix.shape[-1]
+        rows, cols = np.triu_indices(d)
+        upper = jnp.zeros(packed.shape[:-1] + (d, d), packed.dtype).at[..., rows, cols].set(packed)
+        lower = jnp.swapaxes(upper, -1, -2)
+        return upper + lower - jnp.eye(d, dtype=packed.dtype) * lower
 
 
 class Reducer:
@@ -82,10 +98,13 @@ class Reducer:
         collective (one all-reduce of all the operands)."""
         values = list(values)
         if not self.axes:
-            return values
+            return [x.matrix if isinstance(x, Symmetric) else x for x in values]
+        packed = {i: x for i, x in enumerate(values) if isinstance(x, Symmetric)}
+        for i, x in packed.items():
+            values[i] = x.pack()
         picked = [i for i, x in enumerate(values) if x is not None and self._needs(x)]
         if not picked:
-            return values
+            return self._unpack(values, packed)
         operands = []
         for i in picked:
             x = values[i]
@@ -96,7 +115,23 @@ class Reducer:
         reduced = lax.pmean(tuple(operands), self.axes)
         for i, x in zip(picked, reduced, strict=True):
             values[i] = x
+        return self._unpack(values, packed)
+
+    @staticmethod
+    def _unpack(values: list, packed: dict) -> list:
+        for i, x in packed.items():
+            values[i] = x.unpack(values[i])
         return values
+
+    def symmetric(self, matrix):
+        """:meth:`mean` of one symmetric matrix (a stack of them), its upper triangle only."""
+        return self.mean([Symmetric(matrix)])[0]
+
+    def gram(self, values: Sequence) -> list:
+        """:meth:`mean` of ``[C, μ]``, a Gram and its mean (:func:`lnb_fast.covariance.gram`),
+        ``C`` as :class:`Symmetric`."""
+        C, mu = values
+        return self.mean([Symmetric(C), mu])
 
     def tree_mean(self, tree):
         """:meth:`mean` over the leaves of a PyTree."""
@@ -116,6 +151,80 @@ def shared(reduce: Reducer, guard, leaves: list, extra: Sequence = ()) -> list:
     if flags is not None:
         guard.flags = list(out[-1] > 0)
     return out[:-1]
+
+
+COVARIANCE_SYNCS = ("step", "refresh")
+
+
+@jax.tree_util.register_pytree_node_class
+class PerReplica:
+    """A state entry each replica keeps of its own (the covariance EMA ``A`` with
+    ``covariance_sync="refresh"``): :func:`state_specs` lays it out over the axis."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def tree_flatten(self):
+        return (self.value,), None
+
+    @classmethod
+    def tree_unflatten(cls, _, children):
+        return cls(children[0])
+
+    def __repr__(self) -> str:
+        return f"PerReplica({self.value!r})"
+
+
+def covariance_state(pair, covariance_sync: str):
+    """A new ``(A, A_inv)`` entry of the state: ``A`` marked :class:`PerReplica` for
+    ``"refresh"``."""
+    if pair is None or covariance_sync != "refresh":
+        return pair
+    return (PerReplica(pair[0]), pair[1])
+
+
+def unwrapped(pair):
+    """``(A, A_inv)`` as arrays, and a function that marks a new pair as ``pair`` was."""
+    if pair is None or not isinstance(pair[0], PerReplica):
+        return pair, lambda new: new
+    return (pair[0].value, pair[1]), lambda new: (PerReplica(new[0]), new[1])
+
+
+def check_sync(covariance_sync: str) -> str:
+    if covariance_sync not in COVARIANCE_SYNCS:
+        raise ValueError(
+            f"covariance_sync must be one of {COVARIANCE_SYNCS}, got {covariance_sync!r}"
+        )
+    return covariance_sync
+
+
+def covariance_reducers(reduce: Reducer, covariance_sync: str) -> dict:
+    """The ``reduce``/``shared`` arguments of :func:`lnb_fast.covariance.covariance_direction`
+    for a step with ``reduce`` and ``covariance_sync``: ``"step"`` averages each step's Gram,
+    ``"refresh"`` the replicas' EMAs on refresh steps only."""
+    if not reduce:
+        return {}
+    if covariance_sync == "refresh":
+        return {"shared": reduce.symmetric}
+    return {"reduce": reduce.gram}
+
+
+def state_specs(opt_state, axis_name):
+    """``PartitionSpec``s for ``opt_state`` as ``shard_map``'s ``in_specs``/``out_specs``:
+    ``P(axis_name)`` for what each replica keeps of its own (:class:`PerReplica`: the covariance
+    strategy's and FOOF's EMA ``A`` with ``covariance_sync="refresh"``, one ``(G, D, D)`` block
+    per replica, stacked on the first axis), ``P()`` (replicated) for the rest. Make the state
+    inside ``shard_map`` too, so that each replica starts its own::
+
+        specs = lnb_fast.state_specs(jax.eval_shape(opt.init, params), "data")
+        state = jax.jit(jax.shard_map(opt.init, mesh=mesh, in_specs=P(), out_specs=specs))(params)
+    """
+    from jax.sharding import PartitionSpec as P
+
+    def spec(node):
+        return PerReplica(P(axis_name)) if isinstance(node, PerReplica) else P()
+
+    return jax.tree.map(spec, opt_state, is_leaf=lambda x: isinstance(x, PerReplica))
 
 
 def check_axes(who: str, axis_name, values) -> Reducer:

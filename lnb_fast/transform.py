@@ -75,7 +75,16 @@ from .plumbing import (
     schedule_of,
     static_int,
 )
-from .spmd import axis_tuple, check_axes, shared
+from .spmd import (
+    Symmetric,
+    axis_tuple,
+    check_axes,
+    check_sync,
+    covariance_reducers,
+    covariance_state,
+    shared,
+    unwrapped,
+)
 from .strategy import check_strategy, plan, plan_active
 
 STEP_NORMS = ("metric", "paper")
@@ -140,6 +149,7 @@ def lnb(
     step_norm: str = "metric",
     min_descent: float = 0.5,
     axis_name: str | tuple[str, ...] | None = None,
+    covariance_sync: str = "step",
 ) -> optax.GradientTransformationExtraArgs:
     """Online Linear Neuron Boosting (Algorithm 2) as an optax transformation.
 
@@ -220,6 +230,12 @@ def lnb(
             (:mod:`lnb_fast.spmd`; docs/scaling.md). None (default): no mapped axis; under
             ``jax.jit`` with a sharded batch XLA reduces by itself. Running under a mapped axis
             the batch varies over without naming it is an error, not a silent drift.
+        covariance_sync: with ``axis_name``, when the covariance strategy's second moments are
+            averaged over the replicas: ``"step"`` (default; each step's Gram, the state stays
+            replicated) or ``"refresh"`` (each replica keeps the EMA of its shard, averaged
+            only on refresh steps: an EMA is linear, so the step is the same, and
+            1/``refresh_every`` of the bytes; the state's ``A`` is then per replica, see
+            :func:`lnb_fast.spmd.state_specs`).
 
     Python numbers are validated here (arrays, which ``inject_hyperparams`` passes, go through):
     a negative, NaN or infinite ``learning_rate``, ``weight_decay``, ``ridge`` or ``z0`` is a
@@ -240,6 +256,7 @@ def lnb(
     covariance_every = every("covariance_every", covariance_every)
     check_strategy(strategy)
     axis_tuple(axis_name)  # a clear TypeError now rather than in update
+    check_sync(covariance_sync)
     if neurons is not None and not isinstance(neurons, NeuronTable):
         raise TypeError(
             "neurons must be a lnb_fast.NeuronTable (lnb_fast.value_and_grad(loss).table(params, "
@@ -281,7 +298,13 @@ def lnb(
             compact = _compact_layouts(active, choices)
             dtype = _wide(jnp.result_type(*[x for x in aligned.leaves if x is not None]))
             covariance = tuple(
-                tuple(jnp.zeros((c.layout.groups, c.layout.aug, c.layout.aug), dtype) for _ in "AB")
+                covariance_state(
+                    tuple(
+                        jnp.zeros((c.layout.groups, c.layout.aug, c.layout.aug), dtype)
+                        for _ in "AB"
+                    ),
+                    covariance_sync,
+                )
                 if c is not None and c.name == "covariance"
                 else None
                 for c in choices
@@ -352,9 +375,13 @@ def lnb(
         stats = [None] * len(active)
         for j, (neuron, X) in enumerate(zip(active, features.values, strict=True)):
             if neuron is not None and step_choices[j].name != "covariance":
-                stats[j] = neuron.moments(X)
-                if step_choices[j].name == "gram":
-                    stats[j] += gram(step_choices[j].layout, X, neuron.n_samples)
+                mean, second = neuron.moments(X)
+                if j in compact:  # one row per group, (G, d)
+                    mean, second = (compact[j].to_rows(m)[:, 0, :] for m in (mean, second))
+                stats[j] = (mean, second)
+                if step_choices[j].name == "gram":  # C is symmetric: half of it travels
+                    C, mu_g = gram(step_choices[j].layout, X, neuron.n_samples)
+                    stats[j] += (Symmetric(C) if reduce else C, mu_g)
         g_leaves, stats = _shared(reduce, guard, list(g.leaves), stats)
 
         read = lambda tree: Aligned(tree, table, "state", shapes=False).leaves  # noqa: E731
@@ -394,11 +421,12 @@ def lnb(
             if choice.name == "covariance":
                 # §3.5's second option: exact solve against the stale EMA metric, so the step's
                 # norm in that metric is θ̂ · ĝ (to rounding).
+                pair, marked = unwrapped(state.covariance[j])
                 covariance[j], d = covariance_direction(
                     choice.layout,
                     neuron,
                     X,
-                    state.covariance[j],
+                    pair,
                     state.count,
                     b2,
                     ridge,
@@ -407,8 +435,9 @@ def lnb(
                     g_j,
                     relative_ridge,
                     ok,
-                    reduce=reduce.mean if reduce else None,
+                    **covariance_reducers(reduce, covariance_sync),
                 )
+                covariance[j] = marked(covariance[j])
                 neuron.put_params(directions, d)
                 dots.append(tree_vdot(d, g_j).astype(wide))
                 norms.append(dots[-1])
@@ -416,8 +445,6 @@ def lnb(
             mean, second = stats[j][:2]
             i = neuron.weight
             layout = compact.get(j)
-            if layout is not None:  # compact: one row per group, (G, d)
-                mean, second = (layout.to_rows(m)[:, 0, :] for m in (mean, second))
             store = mu_leaves[i].dtype
             mu_new[i] = w2 * mu_leaves[i] + (1 - w2) * mean.astype(store)
             chi_new[i] = w2 * chi_leaves[i] + (1 - w2) * second.astype(store)
@@ -513,6 +540,7 @@ def scale_by_lnb(
     step_norm: str = "metric",
     min_descent: float = 0.5,
     axis_name: str | tuple[str, ...] | None = None,
+    covariance_sync: str = "step",
 ) -> optax.GradientTransformationExtraArgs:
     """LNB's direction in optax's shape: ``θ̂ / √z``, of squared length 1 in the metric (the
     solve, the moments, the gradient EMA and the non-finite guard of :func:`lnb`; state
@@ -545,6 +573,7 @@ def scale_by_lnb(
         step_norm=step_norm,
         min_descent=min_descent,
         axis_name=axis_name,
+        covariance_sync=covariance_sync,
     )
 
     def update(grads, state: LNBState, params=None, **extra_args):

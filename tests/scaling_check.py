@@ -76,7 +76,19 @@ def transformations(table, axis_name=None):
         )
         for s in ("auto", "matrix-free", "gram", "covariance")
     }
+    # each replica keeps its own second-moment EMA, averaged on refresh steps only
+    out["lnb-covariance/refresh"] = lnb_fast.lnb(
+        0.05,
+        strategy="covariance",
+        neurons=table,
+        refresh_every=2,
+        covariance_sync="refresh",
+        **kw,
+    )
     out["foof"] = lnb_fast.foof(0.1, neurons=table, refresh_every=2, **kw)
+    out["foof/refresh"] = lnb_fast.foof(
+        0.1, neurons=table, refresh_every=2, covariance_sync="refresh", **kw
+    )
     out["locoprop_s"] = lnb_fast.locoprop_s(1.0, **kw)
     out["locoprop_m"] = lnb_fast.locoprop_m(1.0, **kw)
     out["proxprop"] = lnb_fast.proxprop(1.0, **kw)
@@ -177,8 +189,30 @@ def main() -> dict:
         results[name]["unchecked_spread"] = spread(got[name])
         first = jax.tree.map(lambda a: np.asarray(a)[0], got[name])
         results[name]["unchecked"] = rel(first, single[name])
+    results["state_specs"] = state_across_steps(sharded, vgf, params, mesh, xs, ys, single)
     results["errors"] = error_cases(params, x, y, vgf, mesh, xs, ys, single["lnb-auto"])
     return results
+
+
+def state_across_steps(sharded, vgf, params, mesh, xs, ys, single) -> float:
+    """The optimizer state crossing the ``shard_map`` boundary from step to step, its
+    per-replica part (``covariance_sync="refresh"``) laid out by ``lnb_fast.spmd.state_specs``."""
+    name = "lnb-covariance/refresh"
+    opt = sharded[name]
+    specs = lnb_fast.state_specs(jax.eval_shape(opt.init, params), "data")
+    init = jax.jit(jax.shard_map(opt.init, mesh=mesh, in_specs=P(), out_specs=specs))
+    step = jax.jit(
+        jax.shard_map(
+            make_step(opt, vgf),
+            mesh=mesh,
+            in_specs=(P(), specs, P("data"), P("data")),
+            out_specs=(P(), specs),
+        )
+    )
+    p, s = params, init(params)
+    for _ in range(STEPS):
+        p, s = step(p, s, xs, ys)
+    return rel(p, single[name])
 
 
 def error_cases(params, x, y, vgf, mesh, xs, ys, single) -> dict:

@@ -50,7 +50,9 @@ NAMES = [
     "lnb-matrix-free",
     "lnb-gram",
     "lnb-covariance",
+    "lnb-covariance/refresh",
     "foof",
+    "foof/refresh",
     "locoprop_s",
     "locoprop_m",
     "proxprop",
@@ -71,6 +73,11 @@ def test_shard_map_takes_the_global_batch_step(eight_devices, name):
 def test_every_recipe_was_checked(eight_devices):
     recipes = {k for name in NAMES for k in eight_devices[name]}
     assert {"shard_map", "jit", "unchecked", "unchecked_spread"} <= recipes
+
+
+def test_a_per_replica_state_crosses_steps(eight_devices):
+    """``covariance_sync="refresh"``: each replica's EMA in the state, by ``state_specs``."""
+    assert eight_devices["state_specs"] <= TOL
 
 
 def test_pmap_with_axis_name_is_the_global_batch_step(eight_devices):
