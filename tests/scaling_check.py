@@ -190,8 +190,30 @@ def main() -> dict:
         first = jax.tree.map(lambda a: np.asarray(a)[0], got[name])
         results[name]["unchecked"] = rel(first, single[name])
     results["state_specs"] = state_across_steps(sharded, vgf, params, mesh, xs, ys, single)
+    results["docs"] = docs_examples()
     results["errors"] = error_cases(params, x, y, vgf, mesh, xs, ys, single["lnb-auto"])
     return results
+
+
+def docs_examples() -> dict:
+    """Run docs/scaling.md's marked examples in order, in one namespace: ``{name: "ok" or the
+    error}``."""
+    import re
+    from pathlib import Path
+
+    page = Path(__file__).resolve().parents[1] / "docs" / "scaling.md"
+    blocks = re.findall(
+        r"<!-- example: (scaling-[\w-]+) -->\s*```python\n(.*?)```", page.read_text(), re.S
+    )
+    namespace: dict = {"__name__": "docs"}
+    out = {}
+    for name, code in blocks:
+        try:
+            exec(compile(code, f"{page}:{name}", "exec"), namespace)
+            out[name] = "ok"
+        except Exception as err:  # noqa: BLE001 - recorded for the caller to assert on
+            out[name] = f"{type(err).__name__}: {err}"
+    return out
 
 
 def state_across_steps(sharded, vgf, params, mesh, xs, ys, single) -> float:

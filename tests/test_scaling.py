@@ -80,6 +80,13 @@ def test_a_per_replica_state_crosses_steps(eight_devices):
     assert eight_devices["state_specs"] <= TOL
 
 
+def test_the_docs_examples_run(eight_devices):
+    """docs/scaling.md's recipes run as printed (each asserts its step equals one device's)."""
+    docs = eight_devices["docs"]
+    assert set(docs) == {"scaling-setup", "scaling-jit", "scaling-shard_map", "scaling-refresh"}
+    assert all(v == "ok" for v in docs.values()), docs
+
+
 def test_pmap_with_axis_name_is_the_global_batch_step(eight_devices):
     errors = eight_devices["errors"]
     assert errors["pmap with axis_name: spread"] == 0.0
