@@ -46,6 +46,7 @@ def parse_args(argv=None):
     ap.add_argument("--refresh-every", type=int, default=10)
     ap.add_argument("--steps", type=int, default=10, help="timed steps per strategy")
     ap.add_argument("--recipes", default="jit,shard_map")
+    ap.add_argument("--only", default=None, help="comma-separated optimizer names (adam always)")
     ap.add_argument("--quick", action="store_true", help="tiny sizes, 2 steps (smoke test)")
     args = ap.parse_args(argv)
     if args.quick:
@@ -224,6 +225,8 @@ def measure(args) -> list[dict]:
         table = vgf.table(params, x[: args.batch // n], y[: args.batch // n]) if axis else None
         table = table or vgf.table(params, x, y)
         for name, opt in optimizers(table, args.refresh_every, axis).items():
+            if args.only and name != "adam" and name not in args.only.split(","):
+                continue
             step, init = make_step(opt, vgf, axis)
             s = jax.device_put(init(params), whole)
             if recipe == "shard_map":

@@ -85,6 +85,8 @@ class Reducer:
     def __init__(self, axes: tuple):
         self.axes = axes
         self.typed = bool(axes) and bool(checks_varying())
+        #: how many replicas the batch is split over (1 without an axis)
+        self.size = int(np.prod([lax.axis_size(a) for a in axes])) if axes else 1
 
     def __bool__(self) -> bool:
         return bool(self.axes)

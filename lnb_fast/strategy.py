@@ -90,9 +90,16 @@ def choose(
     cg_iterations: int = 2,
     refresh_every: int = 10,
     covariance_every: int = 1,
+    replicas: int = 1,
 ) -> Choice:
     """The strategy of ``neuron``: ``strategy`` (a name, or a dict ``weight path -> name``; paths
     not in the dict get ``"auto"``), with ``"auto"`` resolved by :func:`cost`.
+
+    ``replicas``: under data parallelism (``axis_name``), the number of devices the batch is
+    split over; ``"auto"`` then chooses for the *global* batch (``n_i · replicas`` rows), as one
+    device would, which also keeps the all-reduced bytes low: a Gram's triangle
+    (``D(D + 1)/2``, once) instead of ``cg_iterations + 1`` parameter-sized products
+    (docs/scaling.md).
 
     Raises:
         ValueError: a strategy forced on a neuron that cannot use it (naming the parameter).
@@ -107,7 +114,7 @@ def choose(
             )
         return Choice("matrix-free", None, {}, layout)
     flops = cost(
-        neuron.n_samples,
+        neuron.n_samples * replicas,
         layout.cols,
         layout.groups * layout.rows,
         layout.groups,

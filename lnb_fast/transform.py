@@ -360,7 +360,7 @@ def lnb(
         # neurons= may have been traced for another batch size; covariance is never auto-chosen,
         # so which neurons are covariance, hence the state's layout, does not change).
         active = active_neurons(table, g.present)
-        step_choices = plan_active(table, active, strategy, **options)
+        step_choices = plan_active(table, active, strategy, **options, replicas=reduce.size)
         compact = _compact_layouts(active, step_choices) if neurons is not None else {}
         guard = Guard(nonfinite, "lnb", rate_label, table)
         for i in present:
