@@ -128,6 +128,7 @@ def foof(
             else covariance_state(
                 tuple(jnp.zeros((ly.groups, ly.aug, ly.aug), dtype) for _ in "AB"),
                 covariance_sync,
+                axis_name,
             )
             for ly in layouts
         )

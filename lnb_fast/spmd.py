@@ -177,12 +177,17 @@ class PerReplica:
         return f"PerReplica({self.value!r})"
 
 
-def covariance_state(pair, covariance_sync: str):
+def covariance_state(pair, covariance_sync: str, axis_name=None):
     """A new ``(A, A_inv)`` entry of the state: ``A`` marked :class:`PerReplica` for
-    ``"refresh"``."""
+    ``"refresh"``, and typed as varying over ``axis_name`` when made inside ``shard_map`` (so
+    that a ``lax.scan`` over steps carries the type it will have)."""
     if pair is None or covariance_sync != "refresh":
         return pair
-    return (PerReplica(pair[0]), pair[1])
+    A = pair[0]
+    axes = tuple(a for a in axis_tuple(axis_name) if a in manual_axes())
+    if axes and checks_varying():
+        A = make_varying(A, tuple(a for a in axes if a not in varying_axes(A)))
+    return (PerReplica(A), pair[1])
 
 
 def unwrapped(pair):

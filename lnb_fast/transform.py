@@ -304,6 +304,7 @@ def lnb(
                         for _ in "AB"
                     ),
                     covariance_sync,
+                    axis_name,
                 )
                 if c is not None and c.name == "covariance"
                 else None

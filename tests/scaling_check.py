@@ -76,18 +76,19 @@ def transformations(table, axis_name=None):
         )
         for s in ("auto", "matrix-free", "gram", "covariance")
     }
-    # each replica keeps its own second-moment EMA, averaged on refresh steps only
+    # each replica keeps its own second-moment EMA, averaged on refresh steps only (every
+    # step here, so that step 2 averages EMAs that each replica accumulated over two steps)
     out["lnb-covariance/refresh"] = lnb_fast.lnb(
         0.05,
         strategy="covariance",
         neurons=table,
-        refresh_every=2,
+        refresh_every=1,
         covariance_sync="refresh",
         **kw,
     )
     out["foof"] = lnb_fast.foof(0.1, neurons=table, refresh_every=2, **kw)
     out["foof/refresh"] = lnb_fast.foof(
-        0.1, neurons=table, refresh_every=2, covariance_sync="refresh", **kw
+        0.1, neurons=table, refresh_every=1, covariance_sync="refresh", **kw
     )
     out["locoprop_s"] = lnb_fast.locoprop_s(1.0, **kw)
     out["locoprop_m"] = lnb_fast.locoprop_m(1.0, **kw)
@@ -113,9 +114,12 @@ def make_runs(opts: dict, vgf, stacked: bool = False):
     def runs(params, x, y):
         out = {}
         for name, opt in opts.items():
-            p, state, step = params, opt.init(params), make_step(opt, vgf)
-            for _ in range(STEPS):
-                p, state = step(p, state, x, y)
+            step = make_step(opt, vgf)  # scanned: the step is compiled once, not STEPS times
+            (p, _), _ = jax.lax.scan(
+                lambda carry, _, step=step: (step(*carry, x, y), None),
+                (params, opt.init(params)),
+                length=STEPS,
+            )
             out[name] = jax.tree.map(lambda a: a[None], p) if stacked else p
         return out
 
