@@ -266,8 +266,8 @@ def table(rows, args) -> str:
         f"covariance refresh every {args.refresh_every}",
         "",
         "| recipe | optimizer | collectives / step | bytes / step (amortised) | × Adam | "
-        "in other branches | step time × Adam (mean, median) |",
-        "|---|---|---|---|---|---|---|",
+        "in other branches | step time × Adam (mean, median) | step (ms, mean) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for recipe in dict.fromkeys(r["recipe"] for r in rows):
         group = [r for r in rows if r["recipe"] == recipe]
@@ -276,7 +276,8 @@ def table(rows, args) -> str:
             out.append(
                 f"| {recipe} | {r['name']} | {r['count']} | {r['amortised'] / 1e6:.3f} MB | "
                 f"{r['amortised'] / adam['amortised']:.2f} | {r['other'] / 1e6:.3f} MB | "
-                f"{r['mean'] / adam['mean']:.2f}, {r['median'] / adam['median']:.2f} |"
+                f"{r['mean'] / adam['mean']:.2f}, {r['median'] / adam['median']:.2f} | "
+                f"{1e3 * r['mean']:.1f} |"
             )
     return "\n".join(out)
 

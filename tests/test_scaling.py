@@ -151,3 +151,60 @@ def test_two_processes_take_the_global_batch_step():
     for key, value in got.items():
         if key not in ("devices", "processes"):
             assert value <= TOL, (key, value)
+
+
+HLO = """HloModule step
+
+%add (a: f32[], b: f32[]) -> f32[] {
+  %a = f32[] parameter(0)
+  %b = f32[] parameter(1)
+  ROOT %s = f32[] add(%a, %b)
+}
+
+%refresh (p: f32[4,4]) -> f32[4,4] {
+  %p = f32[4,4]{1,0} parameter(0)
+  %r = f32[4,4]{1,0} all-reduce(%p), replica_groups={}, to_apply=%add
+  ROOT %c = f32[4,4]{1,0} custom-call(%r), custom_call_target="lapack_spotrf_ffi"
+}
+
+%keep (p: f32[4,4]) -> f32[4,4] {
+  ROOT %p = f32[4,4]{1,0} parameter(0)
+}
+
+%restart (p: f32[8]) -> f32[8] {
+  %p = f32[8]{0} parameter(0)
+  ROOT %r = f32[8]{0} all-reduce(%p), replica_groups={}, to_apply=%add
+}
+
+ENTRY %main (g: f32[10,3], m: f32[4,4], /*index=2*/v: f32[8]) -> f32[10,3] {
+  %g = f32[10,3]{1,0} parameter(0)
+  %ar = (f32[10,3]{1,0}, f64[5]{0}) all-reduce(%g, %g2), replica_groups={}, to_apply=%add
+  %ag = (f32[2,3]{1,0}, f32[16,3]{1,0}) all-gather-start(%g), dimensions={0}
+  %agd = f32[16,3]{1,0} all-gather-done(%ag)
+  %c1 = f32[4,4]{1,0} conditional(%pred, %m, %m), true_computation=%refresh, false_computation=%keep
+  %c2 = f32[8]{0} conditional(%i, %v, %v), branch_computations={%restart, %keep}
+  ROOT %out = f32[10,3]{1,0} copy(%g)
+}
+"""
+
+
+def test_communication_reads_collectives_and_their_bytes_from_hlo():
+    """benchmarks/communication.py's HLO reading, on a hand-written module: a tuple all-reduce
+    (every operand counts), an async all-gather (its result, once), and the collectives of a
+    refresh branch (holds a Cholesky: amortised over refresh_every) and of another branch."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import communication
+    finally:
+        sys.path.pop(0)
+    found = communication.collectives(HLO)
+    by = {(c["kind"], c["branch"]): c["bytes"] for c in found}
+    assert by == {
+        ("all-reduce", None): 10 * 3 * 4 + 5 * 8,
+        ("all-gather", None): 16 * 3 * 4,
+        ("all-reduce", "refresh"): 16 * 4,
+        ("all-reduce", "other"): 8 * 4,
+    }
+    s = communication.summary(HLO, refresh_every=4)
+    assert s["every"] == 160 + 192 and s["count"] == 2
+    assert s["amortised"] == 160 + 192 + 64 / 4 and s["other"] == 32
