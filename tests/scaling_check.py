@@ -24,6 +24,7 @@ STEPS = 2  # the covariance strategies refresh at step 1 and use a stale inverse
 #: 8 devices dominates the time, so each other recipe is checked on a few transformations
 JIT = ("lnb-auto", "lnb-covariance", "locoprop_m")
 UNCHECKED = ("lnb-matrix-free", "foof")
+PRE_AVERAGED = ("lnb-gram", "proxprop")
 
 if __name__ == "__main__":
     flags = os.environ.get("XLA_FLAGS", "")
@@ -96,16 +97,18 @@ def transformations(table, axis_name=None):
     return out
 
 
-def make_step(opt, vgf):
+def make_step(opt, vgf, pre_average=None):
     def step(params, state, x, y):
         _, grads, features = vgf(params, x, y)
+        if pre_average:  # the caller averages the gradients itself: not reduced twice
+            grads = jax.lax.pmean(grads, pre_average)
         updates, state = opt.update(grads, state, params, features=features)
         return optax.apply_updates(params, updates), state
 
     return step
 
 
-def make_runs(opts: dict, vgf, stacked: bool = False):
+def make_runs(opts: dict, vgf, stacked: bool = False, pre_average=None):
     """One function running ``STEPS`` steps of every transformation in ``opts`` from the same
     parameters: ``(params, x, y) -> {name: params}`` (with ``stacked``, each replica's copy on
     a new leading axis). One program instead of one per transformation: compiling for 8 devices
@@ -114,7 +117,8 @@ def make_runs(opts: dict, vgf, stacked: bool = False):
     def runs(params, x, y):
         out = {}
         for name, opt in opts.items():
-            step = make_step(opt, vgf)  # scanned: the step is compiled once, not STEPS times
+            # scanned: the step is compiled once, not STEPS times
+            step = make_step(opt, vgf, pre_average)
             (p, _), _ = jax.lax.scan(
                 lambda carry, _, step=step: (step(*carry, x, y), None),
                 (params, opt.init(params)),
@@ -193,6 +197,18 @@ def main() -> dict:
         results[name]["unchecked_spread"] = spread(got[name])
         first = jax.tree.map(lambda a: np.asarray(a)[0], got[name])
         results[name]["unchecked"] = rel(first, single[name])
+
+    # gradients the caller already averaged (pmean) are used as they are
+    got = jax.jit(
+        jax.shard_map(
+            make_runs({k: sharded[k] for k in PRE_AVERAGED}, vgf, pre_average="data"),
+            mesh=mesh,
+            in_specs=(P(), P("data"), P("data")),
+            out_specs=P(),
+        )
+    )(params, xs, ys)
+    for name in PRE_AVERAGED:
+        results[name]["pre_averaged"] = rel(got[name], single[name])
     results["state_specs"] = state_across_steps(sharded, vgf, params, mesh, xs, ys, single)
     results["docs"] = docs_examples()
     results["errors"] = error_cases(params, x, y, vgf, mesh, xs, ys, single["lnb-auto"])

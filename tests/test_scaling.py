@@ -63,7 +63,7 @@ NAMES = [
 def test_shard_map_takes_the_global_batch_step(eight_devices, name):
     row = eight_devices[name]
     assert row["shard_map"] <= TOL, row
-    for recipe in ("jit", "unchecked"):  # where this transformation was run under it
+    for recipe in ("jit", "unchecked", "pre_averaged"):  # where it was run under them
         if recipe in row:
             assert row[recipe] <= TOL, (recipe, row)
     if "unchecked_spread" in row:  # check_vma=False: every replica holds the same parameters
@@ -72,7 +72,7 @@ def test_shard_map_takes_the_global_batch_step(eight_devices, name):
 
 def test_every_recipe_was_checked(eight_devices):
     recipes = {k for name in NAMES for k in eight_devices[name]}
-    assert {"shard_map", "jit", "unchecked", "unchecked_spread"} <= recipes
+    assert {"shard_map", "jit", "unchecked", "unchecked_spread", "pre_averaged"} <= recipes
 
 
 def test_a_per_replica_state_crosses_steps(eight_devices):
