@@ -135,13 +135,6 @@ class Reducer:
         C, mu = values
         return self.mean([Symmetric(C), mu])
 
-    def tree_mean(self, tree):
-        """:meth:`mean` over the leaves of a PyTree."""
-        if not self.axes:
-            return tree
-        leaves, treedef = jax.tree.flatten(tree)
-        return jax.tree.unflatten(treedef, self.mean(leaves))
-
 
 def shared(reduce: Reducer, guard, leaves: list, extra: Sequence = ()) -> list:
     """``leaves + extra`` averaged over ``reduce``'s axes in one all-reduce, together with the
