@@ -39,7 +39,7 @@ if TYPE_CHECKING:  # the eager imports, for type checkers and IDEs
     from .pcg import PCGResult, pcg
     from .plumbing import check_finite
     from .proxprop import proxprop
-    from .strategy import STRATEGIES
+    from .strategy import SPEED, STRATEGIES
     from .tagging import tag_neuron
     from .transform import LNBState, lnb, scale_by_lnb
 
@@ -66,6 +66,7 @@ _SOURCES = {
     "pcg": "pcg",
     "check_finite": "plumbing",
     "proxprop": "proxprop",
+    "SPEED": "strategy",
     "STRATEGIES": "strategy",
     "tag_neuron": "tagging",
     "LNBState": "transform",
@@ -85,6 +86,7 @@ __all__ = [
     "NeuronTable",
     "NonFiniteError",
     "PCGResult",
+    "SPEED",
     "STRATEGIES",
     "StructureError",
     "ValueAndGrad",
