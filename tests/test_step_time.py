@@ -44,6 +44,8 @@ def test_quick_run_writes_every_strategy(tmp_path):
     # every timed function has its mean (the ratios') and its median
     for t in row["times"].values():
         assert t["mean_ms"] > 0 and t["q1_ms"] <= t["median_ms"] <= t["q3_ms"] <= t["max_ms"]
+    # the floor (gradient + one d×d product per neuron) is timed beside the strategies
+    assert row["floor_ratio"] > 0 and "floor" in row["times"]
     # The memory analysis compares donated steps; LNB keeps more state than Adam.
     assert row["strategy_ratios"]["matrix-free"]["memory_ratio"] > 1
     results = record["time_to_target"]["results"]
