@@ -21,9 +21,10 @@ For each model four functions are ``jax.jit``-compiled, each a single XLA comput
 * gradient only: ``jax.value_and_grad(loss_fn)`` and ``lnb_fast.value_and_grad(loss_fn)`` (the
   latter also returns the features); their ratio is the "capture overhead";
 * LNB per metric strategy (:mod:`lnb_fast.strategy`): ``matrix-free``, ``gram`` and
-  ``covariance`` forced on every neuron that can use them, ``covariance/10`` (its EMA
-  updated every 10 steps, ``covariance_every=10``) and ``speed``, the preset ``lnb_fast.SPEED``;
-  ``lnb step`` is ``auto``. Every LNB step gets ``neurons=`` (compact moments).
+  ``covariance`` forced on every neuron that can use them, ``speed``, the preset
+  ``lnb_fast.SPEED`` (covariance wherever a neuron has a design, its EMA updated every 10
+  steps and its inverse refreshed every 10), and ``speed/50`` (refreshed every 50); ``lnb
+  step`` is ``auto``. Every LNB step gets ``neurons=`` (compact moments).
 
 Every step function donates its parameters and optimizer state (``donate_argnums``), as a
 training loop would, so that XLA's memory analysis of the compiled step (argument + output +
@@ -89,15 +90,14 @@ from lnb_ref.matfact import save_json
 Params = dict[str, jax.Array]
 Batch = tuple[jax.Array, jax.Array]
 LEARNING_RATE = {"adam": 1e-3, "lnb": 1e-2}
-STRATEGIES = ("matrix-free", "gram", "covariance", "covariance/10", "speed")
-#: ``covariance/10``: the covariance strategy with its EMA updated every 10 steps
-#: (``covariance_every=10``; ``refresh_every`` is 10 for both). ``speed``: the preset
-#: ``lnb_fast.SPEED`` (covariance wherever a neuron has a design, EMA every 10 steps, inverse
-#: refreshed every 50).
-COVARIANCE_EVERY = {"covariance": 1, "covariance/10": 10}
+STRATEGIES = ("matrix-free", "gram", "covariance", "speed", "speed/50")
+#: ``speed``: the preset ``lnb_fast.SPEED`` (covariance wherever a neuron has a design, its EMA
+#: updated every 10 steps, ``covariance_every=10``, its inverse refreshed every 10);
+#: ``speed/50``: the same with the inverse refreshed every 50 steps.
+COVARIANCE_EVERY = {"covariance": 1}  # the speed labels take theirs from the preset
 #: The longest refresh period among the timed steps: ``--repeats`` should be a multiple of it, so
 #: that the mean covers whole periods (as many refresh steps as a long run has per step).
-PERIOD = lnb_fast.SPEED["refresh_every"]
+PERIOD = 50
 
 
 def lnb_options(name: str, table) -> dict[str, Any]:
@@ -106,6 +106,8 @@ def lnb_options(name: str, table) -> dict[str, Any]:
     stay matrix-free), ``auto`` is the default."""
     if name == "speed":
         return dict(lnb_fast.SPEED)
+    if name == "speed/50":
+        return {**lnb_fast.SPEED, "refresh_every": 50}
     if name == "auto":
         return {}
     strategy = name.split("/")[0]
@@ -520,7 +522,7 @@ def time_to_target(args: argparse.Namespace) -> list[dict[str, Any]]:
         candidates[f"adam {lr:g}"] = (optax.adam(lr), False)
     for name, eps in itertools.product(("auto", *STRATEGIES), args.lnb_lrs):
         options = lnb_options(name, table)
-        if "strategy" in options and name != "speed":
+        if "strategy" in options and not name.startswith("speed"):
             options["strategy"] = name.split("/")[0]
         opt = lnb_fast.lnb(
             optax.exponential_decay(eps, steps, 0.75), neurons=table, **options, **LNB_OPTIONS
