@@ -10,7 +10,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo demo-ref test test-slow lint format clean data docs docs-build
+.PHONY: demo demo-ref test test-slow lint format clean data docs docs-build peers-env peers
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "lnb needs Python >= 3.11, found " + sys.version.split()[0]'
@@ -60,6 +60,22 @@ docs: $(STAMP)
 docs-build: $(STAMP)
 	$(VENV)/bin/mkdocs build --strict --quiet
 	$(PY) tools/check_site.py build/site
+
+# LNB against Adam, K-FAC, Muon and PSGD-Kron on Fashion-MNIST (benchmarks/peers.py). kfac-jax
+# 0.0.8 needs JAX <= 0.9.1, so the peers run in their own environment, where lnb_fast runs too.
+PEERS_VENV ?= .venv-kfac
+PEERS_STAMP := $(PEERS_VENV)/.installed
+
+$(PEERS_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(PEERS_VENV)/bin/python -m pip install --quiet -e ".[peers]"
+	@touch $(PEERS_STAMP)
+
+peers-env: $(PEERS_STAMP)
+
+peers: $(PEERS_STAMP) data
+	$(PEERS_VENV)/bin/python benchmarks/peers.py
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -m slow

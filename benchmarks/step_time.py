@@ -1,7 +1,7 @@
 """Wall time and memory of one training step of ``lnb_fast.lnb`` against ``optax.adam``, in one run.
 
     .venv/bin/python benchmarks/step_time.py             # three models, every strategy
-    .venv/bin/python benchmarks/step_time.py --models mlp --repeats 10 --quiet
+    .venv/bin/python benchmarks/step_time.py --models mlp --no-time-to-target
     .venv/bin/python benchmarks/step_time.py --quick     # smoke test: tiny sizes, < 1 min
 
 Two plain-JAX models (float32, parameters as dicts of arrays, random data from a seeded NumPy
@@ -21,9 +21,10 @@ For each model four functions are ``jax.jit``-compiled, each a single XLA comput
 * gradient only: ``jax.value_and_grad(loss_fn)`` and ``lnb_fast.value_and_grad(loss_fn)`` (the
   latter also returns the features); their ratio is the "capture overhead";
 * LNB per metric strategy (:mod:`lnb_fast.strategy`): ``matrix-free``, ``gram`` and
-  ``covariance`` forced on every neuron that can use them, and ``covariance/10`` (its EMA
-  updated every 10 steps, ``covariance_every=10``); ``lnb step`` is ``auto``. Every LNB step
-  gets ``neurons=`` (compact moments).
+  ``covariance`` forced on every neuron that can use them, ``speed``, the preset
+  ``lnb_fast.SPEED`` (covariance wherever a neuron has a design, its EMA updated every 10
+  steps and its inverse refreshed every 10), and ``speed/50`` (refreshed every 50); ``lnb
+  step`` is ``auto``. Every LNB step gets ``neurons=`` (compact moments).
 
 Every step function donates its parameters and optimizer state (``donate_argnums``), as a
 training loop would, so that XLA's memory analysis of the compiled step (argument + output +
@@ -47,11 +48,15 @@ dataset). ``--adam-lrs``/``--lnb-lrs`` change the rates; every ε decays ×0.75 
 Each function is first called ``--warmup`` times (compilation included, not timed); then, in each
 of ``--repeats`` rounds, each function is called once and timed up to ``jax.block_until_ready``,
 in an order that alternates between rounds, so that machine noise falls on all alike. The
-steps carry their parameters and optimizer states from call to call, as in training. The table
-reports medians over the rounds; ``--out`` (default ``results/step_time.json``) also gets the
-quartiles, the machine (and the device JAX ran on: it runs unchanged on a GPU) and the command
-line, and a Markdown copy of the tables goes next to it (``step_time.md``). No timing is
-asserted anywhere.
+steps carry their parameters and optimizer states from call to call, as in training. The ratios
+are **means over every timed step**, refresh steps included (the covariance strategies refresh
+their inverse every 10 or 50 steps: the default 100 rounds cover whole periods), with the medians
+beside them (a median hides the refresh). BLAS/LAPACK is pinned to ``--blas-threads`` (1) with
+threadpoolctl: JAX's CPU Cholesky runs in scipy's OpenBLAS on the host, whose threads contend with
+XLA's (``benchmarks/blas_threads.py --jax``). ``--out`` (default ``results/step_time.json``)
+also gets the quartiles, the machine (and the device JAX ran on: it runs unchanged on a GPU)
+and the command line, and a Markdown copy of the tables goes next to it (``step_time.md``).
+No timing is asserted anywhere.
 """
 
 from __future__ import annotations
@@ -71,29 +76,82 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax import lax
+from threadpoolctl import threadpool_info, threadpool_limits
 from tqdm.auto import tqdm
 
 import lnb_fast
 from lnb import models as lnb_models
 from lnb.experiments import LNB_OPTIONS
 from lnb.train import make_step as train_step
+from lnb_fast.describe import step_cost
 from lnb_fast.strategy import plan
 from lnb_ref.matfact import save_json
 
 Params = dict[str, jax.Array]
 Batch = tuple[jax.Array, jax.Array]
 LEARNING_RATE = {"adam": 1e-3, "lnb": 1e-2}
-STRATEGIES = ("matrix-free", "gram", "covariance", "covariance/10")
-#: ``covariance/10``: the covariance strategy with its EMA updated every 10 steps
-#: (``covariance_every=10``; ``refresh_every`` is 10 for both).
-COVARIANCE_EVERY = {"covariance": 1, "covariance/10": 10}
+STRATEGIES = ("matrix-free", "gram", "covariance", "speed", "speed/50")
+#: ``speed``: the preset ``lnb_fast.SPEED`` (covariance wherever a neuron has a design, its EMA
+#: updated every 10 steps, ``covariance_every=10``, its inverse refreshed every 10);
+#: ``speed/50``: the same with the inverse refreshed every 50 steps.
+COVARIANCE_EVERY = {"covariance": 1}  # the speed labels take theirs from the preset
+#: The longest refresh period among the timed steps: ``--repeats`` should be a multiple of it, so
+#: that the mean covers whole periods (as many refresh steps as a long run has per step).
+PERIOD = 50
+
+
+def lnb_options(name: str, table) -> dict[str, Any]:
+    """The keyword arguments of :func:`lnb_fast.lnb` for a strategy label: ``speed`` is the
+    preset; the others are forced on every neuron that can take them (scale and tagged neurons
+    stay matrix-free), ``auto`` is the default."""
+    if name == "speed":
+        return dict(lnb_fast.SPEED)
+    if name == "speed/50":
+        return {**lnb_fast.SPEED, "refresh_every": 50}
+    if name == "auto":
+        return {}
+    strategy = name.split("/")[0]
+    forced = {
+        n.weight_path: strategy for n, c in zip(table.neurons, plan(table), strict=True) if c.flops
+    }
+    return {"strategy": forced, "covariance_every": COVARIANCE_EVERY.get(name, 1)}
+
+
 KINDS = (
     "adam step",
     "lnb step",
     "adam gradient",
     "lnb gradient",
     *(f"lnb {s}" for s in STRATEGIES),
+    "floor",
 )
+
+
+def floor_step(model: Model, table):
+    """The floor of every strategy that applies an exact ``d × d`` metric each step: the
+    gradient, then ``θ̂ = ĝ A⁻¹`` per neuron with a fixed ``A⁻¹`` (one GEMM of ``2·D²·K``, as
+    the covariance strategy's ordinary step), and ``θ ← θ − 0.01·θ̂``: no EMA, no refresh, no
+    step norm, no state update. Neurons without a design keep ``θ̂ = ĝ``."""
+    from lnb_fast.covariance import apply_inverse, gram_layout
+
+    layouts = [gram_layout(n) for n in table.neurons]
+    inverses = [
+        None
+        if isinstance(ly, str)
+        else jnp.eye(ly.aug, dtype=jnp.float32)[None].repeat(ly.groups, 0)
+        for ly in layouts
+    ]
+
+    def step(params, inverses, batch):
+        loss, grads = jax.value_and_grad(model.loss)(params, batch)
+        leaves, treedef = jax.tree.flatten(grads)
+        for neuron, ly, inv in zip(table.neurons, layouts, inverses, strict=True):
+            if inv is not None:
+                neuron.put_params(leaves, apply_inverse(ly, inv, neuron.params_of(leaves)))
+        direction = jax.tree.unflatten(treedef, leaves)
+        return jax.tree.map(lambda p, d: p - 0.01 * d, params, direction), inverses, loss
+
+    return jax.jit(step, donate_argnums=(0,)), inverses
 
 
 def glorot_normal(rng: np.random.Generator, shape: tuple[int, ...], fan_in: int, fan_out: int):
@@ -265,18 +323,13 @@ def xla_flops(compiled) -> float | None:
     return float(analysis["flops"])
 
 
-def model_extra_flops(table, strategy: str, **options) -> float:
-    """The cost model's extra flops per step of ``strategy`` summed over the neurons, from
-    :func:`lnb_fast.strategy.plan` (a neuron that cannot use it counts as matrix-free,
-    ``(k + 1)·4·n·P``, as lnb would run it)."""
-    k = options.get("cg_iterations", 2)
-    total = 0.0
-    for neuron, choice in zip(table.neurons, plan(table, **options), strict=True):
-        if not choice.flops:
-            total += (k + 1) * 4.0 * neuron.n_samples * neuron.n_params
-        else:
-            total += choice.flops[choice.name if strategy == "auto" else strategy]
-    return total
+def model_extra_flops(table, name: str) -> float:
+    """The cost model's extra flops per step of the strategy labelled ``name`` summed over the
+    neurons (:func:`lnb_fast.describe.step_cost`: a neuron that cannot use it counts as
+    matrix-free, ``(k + 1)·4·n·P``, as lnb would run it)."""
+    options = lnb_options(name, table)
+    strategy = options.pop("strategy", "auto")
+    return step_cost(table, strategy, **options)["solver"]
 
 
 def copy_tree(tree):
@@ -312,19 +365,7 @@ def runners(model: Model, batch_size: int) -> tuple[dict[str, Runner], dict[str,
         "lnb step": (lnb_fast.lnb(learning_rate=LEARNING_RATE["lnb"], neurons=table), True),
     }
     for name in STRATEGIES:
-        # Neurons that cannot use gram/covariance (scale, tagged) stay matrix-free.
-        strategy = name.split("/")[0]
-        forced = {
-            n.weight_path: strategy
-            for n, c in zip(table.neurons, plan(table), strict=True)
-            if c.flops
-        }
-        opt = lnb_fast.lnb(
-            learning_rate=LEARNING_RATE["lnb"],
-            strategy=forced,
-            neurons=table,
-            covariance_every=COVARIANCE_EVERY.get(name, 1),
-        )
+        opt = lnb_fast.lnb(LEARNING_RATE["lnb"], neurons=table, **lnb_options(name, table))
         opts[f"lnb {name}"] = (opt, True)
     found, memory = {}, {}
     for name, (opt, features) in opts.items():
@@ -337,15 +378,11 @@ def runners(model: Model, batch_size: int) -> tuple[dict[str, Runner], dict[str,
     adam_grad = jax.jit(jax.value_and_grad(model.loss)).lower(params, batch).compile()
     found["adam gradient"] = Runner(adam_grad, params, None, batch)
     found["lnb gradient"] = Runner(jax.jit(value_grad_features), params, None, batch)
+    step, inverses = floor_step(model, table)
+    found["floor"] = Runner(step, copy_tree(params), inverses, batch)
     base = xla_flops(adam_grad)
     predicted = {
-        s: (
-            None
-            if not base
-            else 1
-            + model_extra_flops(table, s.split("/")[0], covariance_every=COVARIANCE_EVERY.get(s, 1))
-            / base
-        )
+        s: None if not base else 1 + model_extra_flops(table, s) / base
         for s in ("auto", *STRATEGIES)
     }
     sizes = {
@@ -362,8 +399,17 @@ def runners(model: Model, batch_size: int) -> tuple[dict[str, Runner], dict[str,
 
 
 def summary(seconds: list[float]) -> dict[str, float]:
-    q1, median, q3 = np.percentile(np.asarray(seconds) * 1e3, [25, 50, 75])
-    return {"median_ms": float(median), "q1_ms": float(q1), "q3_ms": float(q3)}
+    """Mean over every timed call (refresh steps included: the cost per step of a long run),
+    and the median and quartiles (which hide a step that is slow once in a period)."""
+    ms = np.asarray(seconds) * 1e3
+    q1, median, q3 = np.percentile(ms, [25, 50, 75])
+    return {
+        "mean_ms": float(ms.mean()),
+        "median_ms": float(median),
+        "q1_ms": float(q1),
+        "q3_ms": float(q3),
+        "max_ms": float(ms.max()),
+    }
 
 
 def measure(model: Model, args: argparse.Namespace, bar: tqdm) -> dict[str, Any]:
@@ -379,14 +425,17 @@ def measure(model: Model, args: argparse.Namespace, bar: tqdm) -> dict[str, Any]
             seconds[kind].append(timed[kind]())
         bar.update()
     times = {kind: summary(s) for kind, s in seconds.items()}
+    mean = {kind: t["mean_ms"] for kind, t in times.items()}
     median = {kind: t["median_ms"] for kind, t in times.items()}
     memory = sizes["memory_bytes"]
     adam_bytes = memory.get("adam step")
     per_strategy = {}
     for label, kind in (("auto", "lnb step"), *((s, f"lnb {s}") for s in STRATEGIES)):
         per_strategy[label] = {
+            "mean_ms": mean[kind],
             "median_ms": median[kind],
-            "ratio": median[kind] / median["adam step"],
+            "ratio": mean[kind] / mean["adam step"],
+            "median_ratio": median[kind] / median["adam step"],
             "predicted_ratio": sizes["predicted_ratio"][label],
             "memory_ratio": (
                 memory[kind] / adam_bytes if memory.get(kind) and adam_bytes else None
@@ -399,11 +448,13 @@ def measure(model: Model, args: argparse.Namespace, bar: tqdm) -> dict[str, Any]
         **sizes,
         "times": times,
         "warmup_s": compile_s,
-        "ratio_lnb_adam": median["lnb step"] / median["adam step"],
-        "capture_overhead": median["lnb gradient"] / median["adam gradient"],
+        "ratio_lnb_adam": mean["lnb step"] / mean["adam step"],
+        # gradient + one d×d product per neuron: no exact-metric strategy runs below it
+        "floor_ratio": mean["floor"] / mean["adam step"],
+        "capture_overhead": mean["lnb gradient"] / mean["adam gradient"],
         "update_ms": {  # step minus gradient: the optimizer's update and apply_updates
-            "adam": median["adam step"] - median["adam gradient"],
-            "lnb": median["lnb step"] - median["lnb gradient"],
+            "adam": mean["adam step"] - mean["adam gradient"],
+            "lnb": mean["lnb step"] - mean["lnb gradient"],
         },
     }
 
@@ -413,16 +464,19 @@ def _fmt(x: float | None, spec: str = ".2f", suffix: str = "x") -> str:
 
 
 def strategy_table(rows: list[dict[str, Any]]) -> str:
-    """Per model and strategy: step time, measured and predicted ratio to Adam, memory ratio."""
+    """Per model and strategy: step time (mean over every step), the measured ratio to Adam
+    (mean, and median beside it) and the predicted one, and the memory ratio."""
     lines = [
-        "| model | strategy | LNB step (ms) | ratio to Adam | predicted (flops) | memory / Adam |",
-        "|---|---|---:|---:|---:|---:|",
+        "| model | strategy | LNB step, mean (ms) | step / Adam, mean | median | "
+        "predicted (flops) | memory / Adam |",
+        "|---|---|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         for name, s in r["strategy_ratios"].items():
             lines.append(
-                f"| {r['model']} | {name} | {s['median_ms']:.2f} | {_fmt(s['ratio'])} | "
-                f"{_fmt(s['predicted_ratio'])} | {_fmt(s['memory_ratio'])} |"
+                f"| {r['model']} | {name} | {s['mean_ms']:.2f} | {_fmt(s['ratio'])} | "
+                f"{_fmt(s['median_ratio'])} | {_fmt(s['predicted_ratio'])} | "
+                f"{_fmt(s['memory_ratio'])} |"
             )
     return "\n".join(lines)
 
@@ -467,12 +521,11 @@ def time_to_target(args: argparse.Namespace) -> list[dict[str, Any]]:
     for lr in args.adam_lrs:
         candidates[f"adam {lr:g}"] = (optax.adam(lr), False)
     for name, eps in itertools.product(("auto", *STRATEGIES), args.lnb_lrs):
+        options = lnb_options(name, table)
+        if "strategy" in options and not name.startswith("speed"):
+            options["strategy"] = name.split("/")[0]
         opt = lnb_fast.lnb(
-            optax.exponential_decay(eps, steps, 0.75),
-            strategy=name.split("/")[0],
-            neurons=table,
-            covariance_every=COVARIANCE_EVERY.get(name, 1),
-            **LNB_OPTIONS,
+            optax.exponential_decay(eps, steps, 0.75), neurons=table, **options, **LNB_OPTIONS
         )
         candidates[f"lnb {name} (ε {eps:g})"] = (opt, True)
     out = []
@@ -514,22 +567,28 @@ def time_to_target(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def table(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| model | batch | params | Adam step (ms) | LNB step (ms) | ratio LNB/Adam "
-        "| capture overhead |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| model | batch | params | Adam step, mean (ms) | LNB step, auto, mean (ms) "
+        "| ratio LNB/Adam | floor / Adam | capture overhead |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         t = r["times"]
         lines.append(
             f"| {r['model']} | {r['batch']} | {r['params']:,} | "
-            f"{t['adam step']['median_ms']:.2f} | {t['lnb step']['median_ms']:.2f} | "
-            f"{r['ratio_lnb_adam']:.2f}x | {r['capture_overhead']:.2f}x |"
+            f"{t['adam step']['mean_ms']:.2f} | {t['lnb step']['mean_ms']:.2f} | "
+            f"{r['ratio_lnb_adam']:.2f}x | {r['floor_ratio']:.2f}x | {r['capture_overhead']:.2f}x |"
         )
     return "\n".join(lines)
 
 
 def machine() -> dict[str, Any]:
+    """The device, versions and the BLAS/LAPACK libraries with their thread counts (JAX's CPU
+    Cholesky calls LAPACK on the host)."""
     return {
+        "blas": [
+            {k: lib.get(k) for k in ("user_api", "internal_api", "version", "num_threads")}
+            for lib in threadpool_info()
+        ],
         "device": str(jax.devices()[0]),
         "jax": jax.__version__,
         "optax": optax.__version__,
@@ -538,6 +597,17 @@ def machine() -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "python": sys.version.split()[0],
     }
+
+
+def pin_blas(threads: int) -> None:
+    """Limit every BLAS/LAPACK library to ``threads`` (0: leave them as they are). JAX's CPU
+    Cholesky (the covariance refresh) runs LAPACK on the host, in scipy's OpenBLAS, whose thread
+    pool contends with XLA's; jaxlib loads that library on its first LAPACK call, so scipy.linalg
+    is imported first, or the limit would miss it (docs/fast.md, Speed)."""
+    if threads:
+        import scipy.linalg  # noqa: F401 - loads the OpenBLAS jaxlib's LAPACK kernels use
+
+        threadpool_limits(limits=threads)
 
 
 def check_writable(path: Path) -> str | None:
@@ -558,7 +628,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", default="mlp,cnn,vit", help="comma-separated: mlp, cnn, vit")
     parser.add_argument("--batch", type=int, default=None, help="batch size for every model")
-    parser.add_argument("--repeats", type=int, default=30, help="timed rounds per model")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=2 * PERIOD,
+        help=f"timed rounds per model (a multiple of {PERIOD}: whole refresh periods)",
+    )
+    parser.add_argument(
+        "--blas-threads",
+        type=int,
+        default=1,
+        help="BLAS/LAPACK threads (threadpoolctl; 0 leaves the library default)",
+    )
     parser.add_argument("--warmup", type=int, default=3, help="untimed calls first (compiles)")
     parser.add_argument("--out", type=Path, default=Path("results/step_time.json"))
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -618,6 +699,7 @@ def main(argv: list[str] | None = None) -> int:
     if problem:
         print(f"error: --out {args.out}: {problem}", file=sys.stderr)
         return 2
+    pin_blas(args.blas_threads)
     start = time.perf_counter()
     total = args.repeats * len(args.models)
     with tqdm(total=total, desc="rounds", disable=args.quiet, leave=False) as bar:
@@ -631,12 +713,20 @@ def main(argv: list[str] | None = None) -> int:
     info = machine()
     text = [
         f"Device: {info['device']} ({info['backend']}); {args.repeats} rounds, "
-        f"{args.warmup} warm-up calls, {elapsed:.0f} s in all.",
+        f"{args.warmup} warm-up calls, BLAS threads {args.blas_threads or 'default'}, "
+        f"{elapsed:.0f} s in all. Ratios are means over every step (refreshes included); "
+        "medians beside them.",
         "",
         table(rows),
         "",
         strategy_table(rows),
     ]
+    if args.repeats % PERIOD:
+        text += [
+            "",
+            f"Note: {args.repeats} rounds is not a multiple of the refresh period {PERIOD}: the "
+            "means of the covariance strategies cover a partial period.",
+        ]
     if memory:
         text += ["", "Memory of the MLP's step by state layout:", "", memory_table(memory)]
     if targets:

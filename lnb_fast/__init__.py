@@ -41,7 +41,7 @@ if TYPE_CHECKING:  # the eager imports, for type checkers and IDEs
     from .plumbing import check_finite
     from .proxprop import proxprop
     from .spmd import state_specs
-    from .strategy import STRATEGIES
+    from .strategy import SPEED, STRATEGIES
     from .tagging import tag_neuron
     from .transform import LNBState, lnb, scale_by_lnb
 
@@ -70,6 +70,7 @@ _SOURCES = {
     "check_finite": "plumbing",
     "proxprop": "proxprop",
     "state_specs": "spmd",
+    "SPEED": "strategy",
     "STRATEGIES": "strategy",
     "tag_neuron": "tagging",
     "LNBState": "transform",
@@ -90,6 +91,7 @@ __all__ = [
     "NeuronTable",
     "NonFiniteError",
     "PCGResult",
+    "SPEED",
     "STRATEGIES",
     "StructureError",
     "ValueAndGrad",

@@ -66,14 +66,45 @@ def rows(table: NeuronTable, strategy="auto", **options) -> list[dict[str, str]]
     return out
 
 
+def step_cost(table: NeuronTable, strategy="auto", **options) -> dict[str, float]:
+    """The cost model's estimate of one step (:mod:`lnb_fast.strategy`), in flops:
+    ``solver`` (every neuron's θ̂ by the strategy it gets, a matrix-free-only neuron counted as
+    ``(k + 1)·4·n_i·P``), ``gradient`` (``6·n_i·P`` per neuron: its forward and the two products
+    of its backward; what the model does besides its neurons, such as attention, is not
+    counted, so this is a lower bound) and ``ratio = (gradient + solver) / gradient``, the
+    step's estimated cost over a gradient step (an Adam step costs about one gradient)."""
+    k = options.get("cg_iterations", 2)
+    solver = gradient = 0.0
+    for neuron, choice in zip(table.neurons, plan(table, strategy, **options), strict=True):
+        gradient += 6.0 * neuron.n_samples * neuron.n_params
+        if choice.flops:
+            solver += choice.flops[choice.name]
+        else:
+            solver += (k + 1) * 4.0 * neuron.n_samples * neuron.n_params
+    ratio = (gradient + solver) / gradient if gradient else 1.0
+    return {"solver": solver, "gradient": gradient, "ratio": ratio}
+
+
+def cost_text(table: NeuronTable, strategy="auto", **options) -> str:
+    """One line: :func:`step_cost` in words."""
+    c = step_cost(table, strategy, **options)
+    return (
+        f"estimated per step: solver {_flops(c['solver'])} on a gradient of at least "
+        f"{_flops(c['gradient'])}: about {c['ratio']:.2f}x an Adam step by flops "
+        "(docs/fast.md, Speed, has measured ratios)"
+    )
+
+
 def format_table(table: NeuronTable, strategy="auto", **options) -> str:
-    """The rows of :func:`rows` as a Markdown table."""
+    """The rows of :func:`rows` as a Markdown table, and :func:`cost_text` under it."""
     body = rows(table, strategy, **options)
     widths = {c: max(len(c), *(len(r[c]) for r in body)) if body else len(c) for c in COLUMNS}
     line = lambda r: "| " + " | ".join(r[c].ljust(widths[c]) for c in COLUMNS) + " |"  # noqa: E731
     head = line({c: c for c in COLUMNS})
     rule = "|" + "|".join("-" * (widths[c] + 2) for c in COLUMNS) + "|"
-    return "\n".join([head, rule, *(line(r) for r in body)])
+    return "\n".join(
+        [head, rule, *(line(r) for r in body), "", cost_text(table, strategy, **options)]
+    )
 
 
 def describe(
@@ -85,19 +116,26 @@ def describe(
     strategy="auto",
     cg_iterations: int = 2,
     refresh_every: int = 10,
+    covariance_every: int = 1,
 ) -> list[dict[str, str]]:
     """Print (and return) how LNB treats every parameter of ``loss_fn(params, *args)``.
 
     Columns: parameter path, neuron kind and role (``dense weight``, ``conv bias``, ``scale
     weight``, ``additive``, ``class token``, ``unclassified``...), shape, ``n_i`` (footnote 3),
     the metric: ``M_i (Eq. 10)`` (the neuron's own) or ``identity (why)`` (``θ̂ = g``), and the
-    strategy :func:`lnb_fast.lnb` picks for it with the same ``strategy``, ``cg_iterations`` and
-    ``refresh_every`` (``"auto"``: the cheaper of matrix-free and gram by the cost model; a
-    forced strategy the neuron cannot use raises, naming the parameter), with the estimated
-    flops per step.
+    strategy :func:`lnb_fast.lnb` picks for it with the same ``strategy``, ``cg_iterations``,
+    ``refresh_every`` and ``covariance_every`` (``"auto"``: the cheaper of matrix-free and gram
+    by the cost model; a forced strategy the neuron cannot use raises, naming the parameter),
+    with the estimated flops per step; under the table, the whole step's estimated cost
+    (:func:`step_cost`).
+    ``lnb_fast.describe(loss_fn, params, batch, **lnb_fast.SPEED)`` shows the speed preset's.
     """
     table = value_and_grad(loss_fn, has_aux=has_aux).table(params, *args)
-    options = {"cg_iterations": cg_iterations, "refresh_every": refresh_every}
+    options = {
+        "cg_iterations": cg_iterations,
+        "refresh_every": refresh_every,
+        "covariance_every": covariance_every,
+    }
     if print_table:
         print(format_table(table, strategy, **options))
     return rows(table, strategy, **options)

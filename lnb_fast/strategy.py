@@ -10,6 +10,9 @@ the cost model ``strategy="auto"`` chooses with.
   augmented second moment, its damped inverse refreshed every ``refresh_every`` steps, and an
   exact solve ``θ̂ = (A/c₂ + γ)⁻¹ ĝ``. A *different algorithm* (stale EMA metric, exact solve):
   opt-in only; ``"auto"`` never picks it.
+* ``"prefer-covariance"`` — ``"covariance"`` on every neuron that has a design (dense and
+  convolutional neurons), matrix-free on the others (scale, tagged): the fastest strategy on
+  the benchmarks of ``docs/fast.md`` (Speed), and the one of the :data:`SPEED` preset.
 
 Cost model, flops per step for a neuron with ``n = n_i`` design rows, ``d`` design columns (per
 group), ``K`` output rows in all, ``G`` groups, ``D = d + bias``, ``k = cg_iterations`` (PCG makes
@@ -17,7 +20,10 @@ group), ``K`` output rows in all, ``G`` groups, ``D = d + bias``, ``k = cg_itera
 
     matrix-free  (k + 1) · 4 n d K                      a forward (2ndK) and a VJP (2ndK)
     gram         2 n d² G + (k + 1) · 2 d² K             the Gram, then products on it
-    covariance   2 n D² G / covariance_every + D³ G / (3 · refresh_every) + 2 D² K
+    covariance   2 n D² G / covariance_every + 7 D³ G / (3 · refresh_every) + 2 D² K
+
+(the refresh is a Cholesky factorisation, ``D³/3``, and its solve against the identity,
+``2 D³``).
 
 ``"auto"`` picks the cheaper of matrix-free and gram (gram wins when ``d`` is small next to ``n``
 and ``K``, e.g. a convolution's ``d = c_in·k²`` against ``n = batch·pixels``; matrix-free wins
@@ -31,7 +37,14 @@ from dataclasses import dataclass
 from .covariance import GramLayout, gram_layout
 from .neuron import Neuron
 
-STRATEGIES = ("auto", "matrix-free", "gram", "covariance")
+STRATEGIES = ("auto", "matrix-free", "gram", "covariance", "prefer-covariance")
+
+#: The speed preset: ``lnb_fast.lnb(ε, neurons=table, **lnb_fast.SPEED)``. The covariance
+#: strategy wherever a neuron has a design, its EMA updated every 10 steps and its inverse
+#: refreshed every 10 (refreshing every 50 made the step 2% cheaper but took a quarter epoch
+#: more to each target on Fashion-MNIST: ``docs/results.md``, peers). ``neurons=`` is required,
+#: as for every covariance strategy.
+SPEED = {"strategy": "prefer-covariance", "covariance_every": 10, "refresh_every": 10}
 
 
 @dataclass(frozen=True)
@@ -63,7 +76,7 @@ def cost(
         "matrix-free": products * 4.0 * n * d * K,
         "gram": 2.0 * n * d * d * groups + products * 2.0 * d * d * K,
         "covariance": 2.0 * n * D * D * groups / covariance_every
-        + D**3 * groups / (3.0 * refresh_every)
+        + 7.0 * D**3 * groups / (3.0 * refresh_every)
         + 2.0 * D * D * K,
     }
 
@@ -107,6 +120,8 @@ def choose(
     wanted = strategy.get(neuron.weight_path, "auto") if isinstance(strategy, dict) else strategy
     layout = gram_layout(neuron)
     if isinstance(layout, str):
+        if wanted == "prefer-covariance":
+            return Choice("matrix-free", None, {}, layout)
         if wanted in ("gram", "covariance"):
             raise ValueError(
                 f"strategy {wanted!r} for parameter {neuron.weight_path}: {layout}; use "
@@ -126,6 +141,8 @@ def choose(
     if wanted == "auto":
         name = "gram" if flops["gram"] < flops["matrix-free"] else "matrix-free"
         return Choice(name, layout if name == "gram" else None, flops, "cheapest (auto)")
+    if wanted == "prefer-covariance":
+        return Choice("covariance", layout, flops, "has a design (prefer-covariance)")
     return Choice(wanted, layout if wanted != "matrix-free" else None, flops, "forced")
 
 

@@ -201,7 +201,9 @@ def lnb(
             (the cheaper of the next two by the cost model), ``"matrix-free"`` (PCG with a
             forward and a VJP per product), ``"gram"`` (the same PCG on the minibatch's design
             Gram), ``"covariance"`` (exact solve against an EMA of the second moment, inverse
-            refreshed every ``refresh_every`` steps; needs ``neurons``), or a dict mapping a
+            refreshed every ``refresh_every`` steps; needs ``neurons``), ``"prefer-covariance"``
+            (covariance on every neuron with a design, matrix-free on the others; the
+            :data:`lnb_fast.SPEED` preset's), or a dict mapping a
             weight's path (as :func:`lnb_fast.describe` prints it) to one of these (others:
             ``"auto"``). Neurons without a design (scale, tagged) are always matrix-free;
             forcing gram/covariance on one raises a ``ValueError`` naming it.
@@ -268,8 +270,9 @@ def lnb(
         "refresh_every": refresh_every,
         "covariance_every": covariance_every,
     }
-    wants_covariance = "covariance" in (
-        strategy.values() if isinstance(strategy, dict) else [strategy]
+    wants_covariance = bool(
+        {"covariance", "prefer-covariance"}
+        & set(strategy.values() if isinstance(strategy, dict) else [strategy])
     )
     if wants_covariance and neurons is None:
         raise ValueError(

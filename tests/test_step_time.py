@@ -36,10 +36,16 @@ def test_quick_run_writes_every_strategy(tmp_path):
         "matrix-free",
         "gram",
         "covariance",
-        "covariance/10",
+        "speed",
+        "speed/50",
     }
     for s in row["strategy_ratios"].values():
-        assert s["ratio"] > 0 and s["predicted_ratio"] > 1
+        assert s["ratio"] > 0 and s["median_ratio"] > 0 and s["predicted_ratio"] > 1
+    # every timed function has its mean (the ratios') and its median
+    for t in row["times"].values():
+        assert t["mean_ms"] > 0 and t["q1_ms"] <= t["median_ms"] <= t["q3_ms"] <= t["max_ms"]
+    # the floor (gradient + one d×d product per neuron) is timed beside the strategies
+    assert row["floor_ratio"] > 0 and "floor" in row["times"]
     # The memory analysis compares donated steps; LNB keeps more state than Adam.
     assert row["strategy_ratios"]["matrix-free"]["memory_ratio"] > 1
     results = record["time_to_target"]["results"]
@@ -49,8 +55,11 @@ def test_quick_run_writes_every_strategy(tmp_path):
         "lnb matrix-free (ε 0.01)",
         "lnb gram (ε 0.01)",
         "lnb covariance (ε 0.01)",
-        "lnb covariance/10 (ε 0.01)",
+        "lnb speed (ε 0.01)",
+        "lnb speed/50 (ε 0.01)",
     ]
+    blas = [lib for lib in record["machine"]["blas"] if lib["user_api"] == "blas"]
+    assert blas and all(lib["num_threads"] == 1 for lib in blas), blas  # --blas-threads 1
     assert "device" in record["machine"]
     assert "| mlp | gram |" in out.with_suffix(".md").read_text()
 

@@ -332,3 +332,57 @@ def test_neurons_from_another_batch_size():
         updates, _ = opt.update(grads, opt.init(params), params, features=features)
         assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates))
         assert float(jnp.abs(updates["w"]).sum()) > 0
+
+
+def test_prefer_covariance_is_covariance_where_a_neuron_has_a_design():
+    """``"prefer-covariance"`` (the SPEED preset's strategy) is ``"covariance"`` on the dense
+    neuron and matrix-free on the scale neuron, which has no design: its steps equal those of
+    the explicit dict, bit for bit, over a refresh and an EMA interval."""
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(5, 3)))
+    params = {"w": jnp.asarray(np.random.default_rng(1).normal(size=(3, 4))), "s": jnp.ones(4)}
+    vgf = lnb_fast.value_and_grad(scale_loss)
+    table = vgf.table(params, x)
+    names = [c.name for c in lnb_fast.strategy.plan(table, "prefer-covariance")]
+    assert dict(zip([n.weight_path for n in table.neurons], names, strict=True)) == {
+        "['w']": "covariance",
+        "['s']": "matrix-free",
+    }
+    every = {"covariance_every": 2, "refresh_every": 3}
+    runs = []
+    for strategy in ("prefer-covariance", {"['w']": "covariance"}):
+        opt = lnb_fast.lnb(0.1, strategy=strategy, neurons=table, **every)
+        p, state, steps = params, opt.init(params), []
+        for _ in range(4):
+            _, grads, features = vgf(p, x)
+            updates, state = opt.update(grads, state, p, features=features)
+            p = optax.apply_updates(p, updates)
+            steps.append(updates)
+        runs.append(steps)
+    for a, b in zip(*runs, strict=True):
+        leaves = zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+        assert all(bool(jnp.array_equal(u, v)) for u, v in leaves)
+    assert set(lnb_fast.SPEED) <= set(lnb_fast.lnb.__code__.co_varnames)
+
+
+def test_describe_estimates_the_step_cost():
+    """``describe``'s cost line: a dense layer ``x @ w`` (n = 5 rows, d = 3, K = 4, no bias)
+    costs ``6·n·d·K`` per gradient step (forward ``2ndK``, backward ``4ndK``); the solver adds
+    what the cost model gives the strategy it runs (for covariance, the refresh is a Cholesky,
+    ``D³/3``, and its solve against the identity, ``2D³``, every ``refresh_every`` steps)."""
+    from lnb_fast.describe import step_cost
+
+    def loss(p, x):
+        return jnp.sum(jnp.tanh(x @ p["w"]))
+
+    params, x = {"w": jnp.ones((3, 4))}, jnp.ones((5, 3))
+    table = lnb_fast.value_and_grad(loss).table(params, x)
+    n, d, K = 5, 3, 4
+    for strategy, r, c in (("covariance", 7, 2), ("matrix-free", 10, 1)):
+        got = step_cost(table, strategy, refresh_every=r, covariance_every=c)
+        solver = {
+            "covariance": 2 * n * d * d / c + 7 * d**3 / (3 * r) + 2 * d * d * K,
+            "matrix-free": 3 * 4 * n * d * K,
+        }[strategy]
+        assert got["gradient"] == 6 * n * d * K
+        assert got["solver"] == pytest.approx(solver, rel=1e-12)
+        assert got["ratio"] == pytest.approx(1 + solver / (6 * n * d * K), rel=1e-12)

@@ -1,0 +1,55 @@
+"""Smoke test of ``benchmarks/peers.py --quick``: on generated images it trains Adam and LNB's
+speed preset (K-FAC and PSGD-Kron are skipped, with the reason, where their packages are not
+installed; the full comparison runs in ``.venv-kfac``, ``make peers-env``), and writes the
+JSON, the Markdown and the figure it promises. No timing is asserted; the properties are the
+record's: one shared initial point, targets read off the curves, ratios to the best Adam."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("jax")
+pytest.importorskip("matplotlib")
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "peers.py"
+
+
+def load():
+    spec = importlib.util.spec_from_file_location("peers", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["peers"] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_quick_run_writes_the_comparison(tmp_path):
+    bench = load()
+    out = tmp_path / "peers.json"
+    argv = ["--quick", "--quiet", "--methods", "adam,lnb,kfac", "--adam-lrs", "1e-3,3e-4"]
+    assert bench.main([*argv, "--out", str(out)]) == 0
+    record = json.loads(out.read_text())
+    (row,) = record["models"]
+    results = {r["method"]: r for r in row["results"]}
+    assert set(results) >= {"adam 0.001", "adam 0.0003", "lnb SPEED ε 0.3"}
+    assert "kfac (adaptive)" in results or "kfac" in row["skipped"]
+    # every method starts from the same parameters: the same first evaluation
+    first = {json.dumps(r["curve"][0], sort_keys=True) for r in results.values()}
+    assert len(first) == 1
+    assert sum(r["best_adam"] for r in results.values()) == 1
+    best = next(r for r in results.values() if r["best_adam"])
+    assert best["epoch_cost"] == 1.0 and best["memory"] == 1.0
+    for r in results.values():
+        times = [p["seconds"] for p in r["curve"]]
+        assert times == sorted(times) and times[0] == 0.0
+        if r["to_accuracy"] is not None:  # the first evaluation at or above the target
+            hit = next(p for p in r["curve"] if p["test_accuracy"] >= 0.85)
+            assert r["to_accuracy"] == {"epoch": hit["epoch"], "seconds": hit["seconds"]}
+    # LNB keeps its covariance matrices: more state than Adam
+    assert results["lnb SPEED ε 0.3"]["memory"] > 1
+    assert "| lnb SPEED ε 0.3 |" in out.with_suffix(".md").read_text()
+    assert (tmp_path / "peers_mlp.png").stat().st_size > 0
