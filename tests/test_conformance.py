@@ -162,7 +162,11 @@ def finite(tree):
     return all(np.isfinite(np.asarray(x, np.float32)).all() for x in jax.tree.leaves(tree))
 
 
-pytestmark = pytest.mark.parametrize("name", NAMES)
+pytestmark = [
+    pytest.mark.parametrize("name", NAMES),
+    # one xdist worker: the tests share the compiled steps above (make test's --dist loadgroup)
+    pytest.mark.xdist_group("conformance"),
+]
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["float32", "bfloat16"])
