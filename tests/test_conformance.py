@@ -27,6 +27,7 @@ import jax.numpy as jnp  # noqa: E402
 from jax import lax  # noqa: E402
 
 import lnb_fast  # noqa: E402
+from lnb.testing.tolerances import FLOAT32_ATOL, FLOAT32_RTOL  # noqa: E402
 
 STEPS = 3
 
@@ -147,13 +148,13 @@ def trajectory(name):
 
 def leaves_equal(a, b, rtol=0.0):
     """Equal leaves (bit for bit without ``rtol``; float32 programs compiled differently round
-    differently: ``rtol`` with an absolute 1e-5)."""
+    differently: ``rtol`` with the absolute floor of :mod:`lnb.testing.tolerances`)."""
     la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
     assert len(la) == len(lb)
     for x, y in zip(la, lb, strict=True):
         assert x.dtype == y.dtype
         if rtol:
-            np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=1e-5)
+            np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=FLOAT32_ATOL)
         else:
             np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
@@ -214,7 +215,7 @@ def test_chain_with_clipping(name):
     clipped, _ = optax.clip_by_global_norm(1e-2).update(grads, optax.EmptyState())
     want, _ = update(clipped, trajectory(name)[1][1], params, feats)
     assert float(optax.tree.norm(want)) > 0
-    leaves_equal(got, want, rtol=1e-4)
+    leaves_equal(got, want, rtol=FLOAT32_RTOL)
 
 
 def test_apply_if_finite(name):
@@ -238,7 +239,7 @@ def test_inject_hyperparams_on_the_learning_rate(name):
     spec = SPECS[name]
     opt = spec.make(table(), wrap=optax.inject_hyperparams)
     params, state = run(jit_update(opt), init(), opt.init(init()), data())
-    leaves_equal(params, trajectory(name)[-1][0], rtol=1e-4)
+    leaves_equal(params, trajectory(name)[-1][0], rtol=FLOAT32_RTOL)
     assert float(state.hyperparams[spec.rate_name]) == pytest.approx(spec.rate)  # step count 2
 
 
@@ -276,7 +277,7 @@ def test_vmap_over_seeds_of_a_scan_over_steps(name):
     for k, p in enumerate(seeds):
         want_params, want_state = run(update, p, opt.init(p), data())
         pick = lambda tree, k=k: jax.tree.map(lambda x: x[k], tree)  # noqa: E731
-        leaves_equal(pick(params), want_params, rtol=1e-4)
+        leaves_equal(pick(params), want_params, rtol=FLOAT32_RTOL)
         assert int(pick(state).count) == int(want_state.count) == STEPS
 
 

@@ -59,7 +59,7 @@ FLOAT32_ATOL = 1e-5
 
 
 def rtol(quantity: str, dtype: str = "float64") -> float:
-    """The relative tolerance for ``quantity`` in ``dtype`` (a row of :data:`TOLERANCES`)."""
+    """The relative tolerance for ``quantity`` in ``dtype`` (a row of ``TOLERANCES``)."""
     try:
         return TOLERANCES[quantity, str(dtype)]
     except KeyError:
