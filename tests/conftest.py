@@ -36,7 +36,7 @@ from threadpoolctl import threadpool_limits
 threadpool_limits(limits=1)
 
 settings.register_profile("ci", deadline=None, max_examples=25, derandomize=True)
-settings.register_profile("dev", deadline=None, max_examples=60)
+settings.register_profile("dev", deadline=None, max_examples=60, print_blob=True)
 PROFILE = os.environ.get("LNB_HYPOTHESIS_PROFILE", "dev")
 settings.load_profile(PROFILE)
 #: Examples for a property whose every example compiles new XLA programs (its shapes are drawn):
