@@ -27,6 +27,7 @@ import jax.numpy as jnp  # noqa: E402
 from jax import lax  # noqa: E402
 
 import lnb_fast  # noqa: E402
+from lnb.testing.mlp import classification_batches, mlp_loss, mlp_params  # noqa: E402
 from lnb.testing.tolerances import FLOAT32_ATOL, FLOAT32_RTOL  # noqa: E402
 
 STEPS = 3
@@ -77,14 +78,7 @@ SPECS = {
 NAMES = list(SPECS)
 
 
-def loss(p, batch):
-    x, y = batch
-    h = jnp.tanh(x @ p[0]["w"] + p[0]["b"])
-    logits = h @ p[1]["w"] + p[1]["b"]
-    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), y).mean()
-
-
-VGF = lnb_fast.value_and_grad(loss)
+VGF = lnb_fast.value_and_grad(mlp_loss)
 # XLA's backend optimisation off: the programs run a few times on tiny arrays, and compiling them
 # is the suite's time (this halves it); every comparison is between programs compiled alike.
 jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
@@ -92,23 +86,12 @@ GRADIENTS = jit(VGF)  # compiled once per dtype, shared by every transformation
 
 
 def init(seed=0, dtype=jnp.float32):
-    rng = np.random.default_rng(seed)
-    return [
-        {
-            "w": jnp.asarray(rng.normal(size=(a, b)) / np.sqrt(a), dtype),
-            "b": jnp.asarray(rng.normal(size=b) * 0.1, dtype),
-        }
-        for a, b in ((4, 6), (6, 3))
-    ]
+    return mlp_params(np.random.default_rng(seed), (4, 6, 3), dtype)
 
 
 @functools.cache
 def data(dtype=jnp.float32):
-    rng = np.random.default_rng(1)
-    return [
-        (jnp.asarray(rng.normal(size=(8, 4)) + 0.5, dtype), jnp.asarray(rng.integers(0, 3, 8)))
-        for _ in range(STEPS)
-    ]
+    return classification_batches(1, STEPS, n=8, d=4, classes=3, dtype=dtype)
 
 
 @functools.cache

@@ -16,6 +16,7 @@ optax = pytest.importorskip("optax")
 import jax.numpy as jnp  # noqa: E402
 
 import lnb_fast  # noqa: E402
+from lnb.testing.mlp import classification_batches, mlp_loss, mlp_params  # noqa: E402
 from lnb.testing.tolerances import RTOL, STEP_RTOL  # noqa: E402
 from lnb_fast.errors import CompositionError, NonFiniteError, StructureError  # noqa: E402
 
@@ -26,36 +27,14 @@ pytestmark = pytest.mark.x64
 def mlp(sizes=(6, 10, 8, 3), dtype=jnp.float64, seed=0, n=32):
     """A tanh MLP (list of {'w', 'b'}), its mean cross-entropy and one batch."""
     rng = np.random.default_rng(seed)
-    params = [
-        {
-            "w": jnp.asarray(rng.normal(size=(a, b)) / np.sqrt(a), dtype),
-            "b": jnp.asarray(rng.normal(size=b) * 0.1, dtype),
-        }
-        for a, b in zip(sizes[:-1], sizes[1:], strict=True)
-    ]
-
-    def loss(p, batch):
-        x, y = batch
-        for i, layer in enumerate(p):
-            x = x @ layer["w"] + layer["b"]
-            if i < len(p) - 1:
-                x = jnp.tanh(x)
-        return optax.softmax_cross_entropy_with_integer_labels(x, y).mean()
-
+    params = mlp_params(rng, sizes, dtype)
     x = jnp.asarray(rng.normal(size=(n, sizes[0])) + 0.5, dtype)
     y = jnp.asarray(rng.integers(0, sizes[-1], size=n))
-    return params, loss, (x, y)
+    return params, mlp_loss, (x, y)
 
 
 def batches(seed, count, n=32, d=6, classes=3, dtype=jnp.float64):
-    rng = np.random.default_rng(seed)
-    return [
-        (
-            jnp.asarray(rng.normal(size=(n, d)) + 0.5, dtype),
-            jnp.asarray(rng.integers(0, classes, size=n)),
-        )
-        for _ in range(count)
-    ]
+    return classification_batches(seed, count, n, d, classes, dtype)
 
 
 def run(opt, params, loss, data, jit=True):

@@ -5,7 +5,8 @@
 * :mod:`lnb.testing.tolerances`: the one table of tolerances, by quantity and dtype, explained;
 * :mod:`lnb.testing.crosscheck`: the fast-vs-reference harness (needs JAX): both sides of a
   random neuron, its solve's errors, whole steps on the reference's MLP and CNN;
-* :mod:`lnb.testing.strategies`: the hypothesis strategies (needs hypothesis).
+* :mod:`lnb.testing.strategies`: the hypothesis strategies (needs hypothesis);
+* :mod:`lnb.testing.mlp`: the tiny tanh MLP and batches the optax tests train (needs JAX).
 """
 
 from __future__ import annotations
