@@ -4,6 +4,11 @@
 # Both create/refresh the virtual environment in $(VENV) from pyproject.toml when it changed.
 
 export NO_MKDOCS_2_WARNING := 1
+# Hypothesis examples: `ci` is small and derandomized (reproducible); `dev`, the default of a plain
+# `pytest`, explores (docs/testing.md). `LNB_HYPOTHESIS_PROFILE=dev make test` to explore here.
+export LNB_HYPOTHESIS_PROFILE ?= ci
+# Two pytest-xdist workers (`make test PYTEST_WORKERS=0` runs in one process).
+PYTEST_WORKERS ?= 2
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -39,14 +44,14 @@ format: $(STAMP)
 	$(PY) -m ruff check --fix .
 	$(PY) -m ruff format lnb_ref lnb_fast tests benchmarks tools
 
-# The notebooks are executed first (writing rendered copies to docs/notebooks/), the docs site
-# is built from them and its links checked, then the rest of the suite runs, including
-# tests/test_site.py, which opens the built site in headless Chromium where it is installed;
-# so CI (.ci/run -> make test) checks all of it.
+# The suite runs on $(PYTEST_WORKERS) workers, the notebooks among the rest (they write their
+# rendered copies to docs/notebooks/); then the docs site is built from them and its links
+# checked, and tests/test_site.py opens the built site in headless Chromium where it is
+# installed; so CI (.ci/run -> make test) checks all of it.
 test: lint
-	$(PY) -m pytest -q tests/test_notebooks.py
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadgroup --ignore=tests/test_site.py
 	$(MAKE) docs-build
-	$(PY) -m pytest --ignore=tests/test_notebooks.py
+	$(PY) -m pytest -q tests/test_site.py
 
 # `make docs`: execute the notebooks, then build the site into build/site/ and check it: every
 # relative link and #anchor of every page, notebook pages included, must resolve

@@ -49,6 +49,7 @@ holds the committed result.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -332,20 +333,19 @@ def stress(cand: Candidate, strategy: str, sizes: Sizes, seed: int = 0) -> dict:
 
 
 # --- 2c. the README example at constant ε ---------------------------------------------------------
+def readme_problem():
+    """The README example's params, loss and batch: ``readme_problem`` of
+    ``benchmarks/step_norm.py``, loaded by path (the benchmarks are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(
+        "step_norm", Path(__file__).resolve().with_name("step_norm.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.readme_problem()
+
+
 def readme(cand: Candidate, sizes: Sizes, epsilon: float = 0.05) -> dict:
-    import equinox as eqx
-
-    kx, kt, km = jax.random.split(jax.random.key(0), 3)
-    x = jax.random.normal(kx, (512, 64)) + 2.0
-    y = jnp.argmax((x - 2.0) @ jax.random.normal(kt, (64, 10)), axis=1)
-    model = eqx.nn.MLP(64, 10, width_size=128, depth=2, activation=jnp.tanh, key=km)
-    params, static = eqx.partition(model, eqx.is_inexact_array)
-
-    def loss(p, batch):
-        xb, yb = batch
-        logits = jax.vmap(eqx.combine(p, static))(xb)
-        return optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()
-
+    params, loss, (x, y) = readme_problem()
     opt = lnb_fast.lnb(epsilon, **cand.options())
     losses, state = scan_steps(loss, opt, params, (x, y), sizes.readme_steps)
     losses = np.asarray(losses, dtype=float)

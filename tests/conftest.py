@@ -1,14 +1,32 @@
-"""Shared test helpers.
+"""Shared test setup: hypothesis profiles, the ``x64`` marker, single-threaded BLAS.
 
-Tolerances: the reference runs in float64 (machine epsilon ≈ 2.2e-16). Quantities compared
-after a handful of dense products or one Cholesky solve of a well-conditioned matrix carry
-relative rounding errors of order ``κ · d · eps``; we use ``1e-10`` for those, which leaves
-three to four orders of magnitude of headroom for the sizes drawn here (d ≤ 40, κ ≤ 1e3).
+The harness, tolerances and strategies the tests share live in :mod:`lnb.testing`
+(``docs/testing.md`` is the guide for newcomers):
+
+* tolerances by quantity and dtype: :mod:`lnb.testing.tolerances` (``RTOL = 1e-10`` for
+  rounding-level float64 agreement, ``STEP_RTOL = 1e-9`` for whole steps, ...);
+* hypothesis strategies: :mod:`lnb.testing.strategies`;
+* the fast-vs-reference harness: :mod:`lnb.testing.crosscheck`.
+
+**Hypothesis profiles**, chosen by ``LNB_HYPOTHESIS_PROFILE``: ``ci`` (what ``make test`` and
+``.ci/run`` use: few examples, derandomized, so a run is reproducible and fast) and ``dev`` (the
+default for a plain ``pytest``: more examples, random, so local runs explore). A test's own
+``@settings(max_examples=...)`` wins over both; a property whose examples each compile new XLA
+programs uses ``COMPILED`` (10 examples in ``ci``, 40 in ``dev``).
+
+**float64 only where needed**: JAX runs in float32 (what users run) unless a test is marked
+``@pytest.mark.x64`` (or its module sets ``pytestmark = pytest.mark.x64``); a marked test runs
+inside ``jax.enable_x64(True)``, set-up and tear-down included, and an unmarked one inside
+``jax.enable_x64(False)``, whatever an earlier test did.
 """
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import numpy as np
+import pytest
 from hypothesis import settings
 from threadpoolctl import threadpool_limits
 
@@ -18,11 +36,45 @@ from threadpoolctl import threadpool_limits
 threadpool_limits(limits=1)
 
 settings.register_profile("ci", deadline=None, max_examples=25, derandomize=True)
-settings.load_profile("ci")
+settings.register_profile("dev", deadline=None, max_examples=60, print_blob=True)
+PROFILE = os.environ.get("LNB_HYPOTHESIS_PROFILE", "dev")
+settings.load_profile(PROFILE)
+#: Examples for a property whose every example compiles new XLA programs (its shapes are drawn):
+#: there the examples, not the arithmetic, are the time. ``@settings(max_examples=COMPILED)``.
+COMPILED = {"ci": 10, "dev": 40}.get(PROFILE, settings().max_examples)
 
-RTOL = 1e-10
 
-from lnb.testing import correlated_features, rel_err, teacher_problem  # noqa: E402, F401 - shared helpers
+# XLA compilation is most of the suite's time. JAX's persistent compilation cache keeps every
+# compiled program on disk, keyed by the program itself: a second run, another xdist worker or
+# another test that builds the same step loads it instead of compiling it again. Set through the
+# environment before JAX is imported, so the processes the tests start (notebook kernels, the
+# CLI) share it. LNB_JAX_CACHE moves it (default build/jax-cache); LNB_JAX_CACHE= turns it off.
+JAX_CACHE = os.environ.get(
+    "LNB_JAX_CACHE", str(Path(__file__).resolve().parents[1] / "build" / "jax-cache")
+)
+if JAX_CACHE:
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", JAX_CACHE)
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+
+try:
+    import jax
+except ImportError:  # pragma: no cover - lnb_fast tests are skipped without jax
+    jax = None
+
+
+def pytest_report_header(config):
+    x64 = "x64 only where marked" if jax is not None else "no jax"
+    return f"lnb: hypothesis profile {PROFILE!r} (LNB_HYPOTHESIS_PROFILE), JAX {x64}"
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """Run a test marked ``x64`` in float64, every other one in float32 (JAX's default)."""
+    if jax is None:
+        return (yield)
+    x64 = item.get_closest_marker("x64") is not None
+    with jax.enable_x64(x64):
+        return (yield)
 
 
 def naive_conv2d(X, filters, bias, stride, padding, dilation, groups):
@@ -50,11 +102,3 @@ def naive_conv2d(X, filters, bias, stride, padding, dilation, groups):
                 if bias is not None:
                     out[:, o, y, x] += bias[o]
     return out
-
-
-try:  # the lnb_fast cross-checks compare against the float64 reference
-    import jax
-
-    jax.config.update("jax_enable_x64", True)
-except ImportError:  # pragma: no cover - lnb_fast tests are skipped without jax
-    pass

@@ -27,6 +27,8 @@ import jax.numpy as jnp  # noqa: E402
 from jax import lax  # noqa: E402
 
 import lnb_fast  # noqa: E402
+from lnb.testing.mlp import classification_batches, mlp_loss, mlp_params  # noqa: E402
+from lnb.testing.tolerances import FLOAT32_ATOL, FLOAT32_RTOL  # noqa: E402
 
 STEPS = 3
 
@@ -76,14 +78,7 @@ SPECS = {
 NAMES = list(SPECS)
 
 
-def loss(p, batch):
-    x, y = batch
-    h = jnp.tanh(x @ p[0]["w"] + p[0]["b"])
-    logits = h @ p[1]["w"] + p[1]["b"]
-    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), y).mean()
-
-
-VGF = lnb_fast.value_and_grad(loss)
+VGF = lnb_fast.value_and_grad(mlp_loss)
 # XLA's backend optimisation off: the programs run a few times on tiny arrays, and compiling them
 # is the suite's time (this halves it); every comparison is between programs compiled alike.
 jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
@@ -91,23 +86,12 @@ GRADIENTS = jit(VGF)  # compiled once per dtype, shared by every transformation
 
 
 def init(seed=0, dtype=jnp.float32):
-    rng = np.random.default_rng(seed)
-    return [
-        {
-            "w": jnp.asarray(rng.normal(size=(a, b)) / np.sqrt(a), dtype),
-            "b": jnp.asarray(rng.normal(size=b) * 0.1, dtype),
-        }
-        for a, b in ((4, 6), (6, 3))
-    ]
+    return mlp_params(np.random.default_rng(seed), (4, 6, 3), dtype)
 
 
 @functools.cache
 def data(dtype=jnp.float32):
-    rng = np.random.default_rng(1)
-    return [
-        (jnp.asarray(rng.normal(size=(8, 4)) + 0.5, dtype), jnp.asarray(rng.integers(0, 3, 8)))
-        for _ in range(STEPS)
-    ]
+    return classification_batches(1, STEPS, n=8, d=4, classes=3, dtype=dtype)
 
 
 @functools.cache
@@ -147,13 +131,13 @@ def trajectory(name):
 
 def leaves_equal(a, b, rtol=0.0):
     """Equal leaves (bit for bit without ``rtol``; float32 programs compiled differently round
-    differently: ``rtol`` with an absolute 1e-5)."""
+    differently: ``rtol`` with the absolute floor of :mod:`lnb.testing.tolerances`)."""
     la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
     assert len(la) == len(lb)
     for x, y in zip(la, lb, strict=True):
         assert x.dtype == y.dtype
         if rtol:
-            np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=1e-5)
+            np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=FLOAT32_ATOL)
         else:
             np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
@@ -162,7 +146,11 @@ def finite(tree):
     return all(np.isfinite(np.asarray(x, np.float32)).all() for x in jax.tree.leaves(tree))
 
 
-pytestmark = pytest.mark.parametrize("name", NAMES)
+pytestmark = [
+    pytest.mark.parametrize("name", NAMES),
+    # one xdist worker: the tests share the compiled steps above (make test's --dist loadgroup)
+    pytest.mark.xdist_group("conformance"),
+]
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["float32", "bfloat16"])
@@ -210,7 +198,7 @@ def test_chain_with_clipping(name):
     clipped, _ = optax.clip_by_global_norm(1e-2).update(grads, optax.EmptyState())
     want, _ = update(clipped, trajectory(name)[1][1], params, feats)
     assert float(optax.tree.norm(want)) > 0
-    leaves_equal(got, want, rtol=1e-4)
+    leaves_equal(got, want, rtol=FLOAT32_RTOL)
 
 
 def test_apply_if_finite(name):
@@ -234,7 +222,7 @@ def test_inject_hyperparams_on_the_learning_rate(name):
     spec = SPECS[name]
     opt = spec.make(table(), wrap=optax.inject_hyperparams)
     params, state = run(jit_update(opt), init(), opt.init(init()), data())
-    leaves_equal(params, trajectory(name)[-1][0], rtol=1e-4)
+    leaves_equal(params, trajectory(name)[-1][0], rtol=FLOAT32_RTOL)
     assert float(state.hyperparams[spec.rate_name]) == pytest.approx(spec.rate)  # step count 2
 
 
@@ -272,7 +260,7 @@ def test_vmap_over_seeds_of_a_scan_over_steps(name):
     for k, p in enumerate(seeds):
         want_params, want_state = run(update, p, opt.init(p), data())
         pick = lambda tree, k=k: jax.tree.map(lambda x: x[k], tree)  # noqa: E731
-        leaves_equal(pick(params), want_params, rtol=1e-4)
+        leaves_equal(pick(params), want_params, rtol=FLOAT32_RTOL)
         assert int(pick(state).count) == int(want_state.count) == STEPS
 
 

@@ -3,47 +3,32 @@ iterate, θ̂ and z for random dense and convolutional neurons, then whole Algor
 reference's MLP and CNN.
 
 The machinery (the neurons on both sides, the random problems, the errors of one solve, whole
-steps) is :mod:`lnb.check`, which ``lnb check`` runs on fresh problems; here hypothesis draws the
-problems (from the same ranges, :func:`lnb.check.draw_problem`) and every error is asserted.
-
-Tolerances: both sides run in float64 and differ only in summation order (XLA vs NumPy/BLAS), so
-each quantity agrees to ``κ · (a few ops) · eps``; with the well-conditioned features drawn here
-(κ ≲ 1e3) 1e-10 leaves two orders of magnitude of headroom. Whole steps compound that over 10
-steps and the network's nonlinearity, hence 1e-9 (the issue's bound).
+steps) is :mod:`lnb.testing.crosscheck`, which ``lnb check`` runs on fresh problems; here
+hypothesis draws the problems (:func:`lnb.testing.strategies.problems`, from the same ranges)
+and every error is asserted. Tolerances: ``rounding`` (1e-10) per neuron, ``steps`` (1e-9) for
+whole steps, from :mod:`lnb.testing.tolerances`.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import assume, given
-from hypothesis import strategies as st
+from conftest import COMPILED
+from hypothesis import given, settings
 
 jax = pytest.importorskip("jax")
 optax = pytest.importorskip("optax")
-from conftest import RTOL  # noqa: E402
 
-from lnb.check import (  # noqa: E402
+from lnb.testing.crosscheck import (  # noqa: E402
     cnn_step_errors,
     conv_case,
-    draw_problem,
     mlp_step_errors,
     neuron_errors,
 )
+from lnb.testing.strategies import problems  # noqa: E402
+from lnb.testing.tolerances import RTOL, STEP_RTOL  # noqa: E402
 
-STEP_RTOL = 1e-9
-
-
-@st.composite
-def problems(draw):
-    """A random neuron's solve (:class:`lnb.check.Problem`), drawn by hypothesis so it shrinks;
-    a singular metric (γ = 0 and a rank-deficient design) is ill-posed for PCG on both sides and
-    is not drawn (``Problem.well_posed``)."""
-    problem = draw_problem(
-        lambda lo, hi: draw(st.integers(lo, hi)), lambda options: draw(st.sampled_from(options))
-    )
-    assume(problem.well_posed())
-    return problem
+pytestmark = pytest.mark.x64  # both sides in float64
 
 
 def check_neuron(case, seed: int, ridge: float, iterations: int, warm: bool):
@@ -64,6 +49,7 @@ def check_neuron(case, seed: int, ridge: float, iterations: int, warm: bool):
     assert errors["step norm"] <= RTOL, errors
 
 
+@settings(max_examples=COMPILED)
 @given(problems())
 def test_neuron_matches_reference(problem):
     check_neuron(*problem)

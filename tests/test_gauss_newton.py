@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import RTOL, rel_err, teacher_problem
 
+from lnb.testing import rel_err, teacher_problem
+from lnb.testing.tolerances import RTOL
 from lnb_ref import (
     MLP,
     ExactLNB,

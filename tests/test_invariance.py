@@ -20,14 +20,22 @@ steps; the initial functions are made equal by folding the map into the first la
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 import lnb_fast
 from lnb_ref.lnb import OnlineLNB
 from lnb_ref.network import MLP
+
+pytestmark = [
+    pytest.mark.x64,  # float64 (see above)
+    pytest.mark.xdist_group("invariance"),  # one worker: the tests share fast_step's programs
+]
 
 GAP = 1e-6
 STEPS = 10
@@ -59,14 +67,20 @@ def folded(params, a, c):
     return [first, *params[1:]]
 
 
-def fast_outputs(X, Y, params, batches, **options):
-    def loss(p, batch):
-        x, y = batch
-        return optax.softmax_cross_entropy_with_integer_labels(mlp_apply(p, x), y).mean()
+predict = jax.jit(mlp_apply)
 
+
+def loss(p, batch):
+    x, y = batch
+    return optax.softmax_cross_entropy_with_integer_labels(mlp_apply(p, x), y).mean()
+
+
+@functools.cache
+def fast_step(relative_ridge: bool):
+    """LNB and its jitted step, compiled once per option and shared by every run of the module
+    (both data versions, both tests: the same shapes)."""
     vgf = lnb_fast.value_and_grad(loss)
-    opt = lnb_fast.lnb(0.05, **options)
-    state = opt.init(params)
+    opt = lnb_fast.lnb(0.05, relative_ridge=relative_ridge)
 
     @jax.jit
     def step(p, state, batch):
@@ -74,10 +88,16 @@ def fast_outputs(X, Y, params, batches, **options):
         u, state = opt.update(g, state, p, features=f)
         return optax.apply_updates(p, u), state
 
+    return opt, step
+
+
+def fast_outputs(X, Y, params, batches, relative_ridge):
+    opt, step = fast_step(relative_ridge)
+    state = opt.init(params)
     outs = []
     for idx in batches:
         params, state = step(params, state, (jnp.asarray(X[idx]), jnp.asarray(Y[idx])))
-        outs.append(np.asarray(mlp_apply(params, jnp.asarray(X))))
+        outs.append(np.asarray(predict(params, jnp.asarray(X))))
     return outs
 
 

@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import RTOL, correlated_features, rel_err
 
+from lnb.testing import correlated_features, rel_err
+from lnb.testing.tolerances import RTOL
 from lnb_ref import Conv2d, Dense, ExactLNB, LocoPropM, LocoPropS, ProxProp
 from lnb_ref.errors import NeuronShapeError
 from lnb_ref.locoprop import (

@@ -3,16 +3,15 @@
 * Discovery records each neuron's transfer φ: a tanh MLP's hidden neurons get ``"tanh"``, its
   output neuron ``"identity"``; ``jax.nn.relu`` / ``jnp.maximum(·, 0)`` give ``"relu"``,
   ``jax.nn.sigmoid`` ``"sigmoid"``; an output read twice keeps ``"identity"``.
-* Per neuron (hypothesis over :func:`lnb.check.draw_problem`'s random dense and convolutional
-  neurons, both layouts, with and without bias): the step-size bound B, LocoProp's inner loop
-  (S, and M with every transfer) and ProxProp's CG step, at 1e-10.
-* Whole steps on lnb_ref's tanh MLP and ReLU CNN (:mod:`lnb.check`'s JAX losses), parameters
-  after every step at 1e-9.
+* Per neuron (hypothesis over :func:`lnb.testing.strategies.local_problems`: random dense and
+  convolutional neurons, both layouts, with and without bias): the step-size bound B,
+  LocoProp's inner loop (S, and M with every transfer) and ProxProp's CG step, at 1e-10.
+* Whole steps on lnb_ref's tanh MLP and ReLU CNN (the JAX losses of
+  :mod:`lnb.testing.crosscheck`), parameters after every step at 1e-9.
 
-Tolerances: as tests/test_fast_crosscheck.py — both sides are float64 and differ only in the
-order of summation (XLA vs NumPy/BLAS): ``κ · (a few ops) · eps`` per product, with κ ≲ 1e3 for
-the features drawn here, so 1e-10 per neuron leaves two orders of headroom; whole steps compound
-it over the steps and the network's nonlinearity, hence 1e-9.
+Tolerances (:mod:`lnb.testing.tolerances`; the module is marked ``x64``): both sides are float64
+and differ only in the order of summation (XLA vs NumPy/BLAS): ``rounding`` (1e-10) per neuron,
+``steps`` (1e-9) for whole steps.
 """
 
 from __future__ import annotations
@@ -20,15 +19,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from hypothesis import given, settings
-from hypothesis import strategies as st
 
 jax = pytest.importorskip("jax")
 optax = pytest.importorskip("optax")
 import jax.numpy as jnp  # noqa: E402
-from conftest import RTOL, correlated_features, rel_err  # noqa: E402
 
 import lnb_fast  # noqa: E402
-from lnb.check import cnn_loss, compare_steps, draw_problem, mlp_loss, ref_to_jax  # noqa: E402
+from lnb.testing import correlated_features, rel_err  # noqa: E402
+from lnb.testing.crosscheck import cnn_loss, compare_steps, mlp_loss, ref_to_jax  # noqa: E402
+from lnb.testing.strategies import local_problems  # noqa: E402
+from lnb.testing.tolerances import RTOL, STEP_RTOL  # noqa: E402
 from lnb_fast.locoprop import local_step, metric_bound  # noqa: E402
 from lnb_fast.proxprop import proximal_step  # noqa: E402
 from lnb_ref import LocoPropM, LocoPropS, ProxProp  # noqa: E402
@@ -36,7 +36,7 @@ from lnb_ref import locoprop as ref_locoprop  # noqa: E402
 from lnb_ref import proxprop as ref_proxprop  # noqa: E402
 from lnb_ref.network import CNN, MLP  # noqa: E402
 
-STEP_RTOL = 1e-9
+pytestmark = pytest.mark.x64  # both sides in float64
 
 
 # --- transfer detection ---------------------------------------------------------------------------
@@ -80,20 +80,6 @@ def test_transfer_variants():
 
 
 # --- one neuron, fast against reference -----------------------------------------------------------
-@st.composite
-def local_problems(draw):
-    """A random neuron (dense or conv, :func:`lnb.check.draw_problem`) with θ, g, a transfer,
-    κ, J and τ."""
-    problem = draw_problem(
-        lambda lo, hi: draw(st.integers(lo, hi)), lambda options: draw(st.sampled_from(options))
-    )
-    transfer = draw(st.sampled_from(["identity", "tanh", "sigmoid", "relu"]))
-    kappa = draw(st.sampled_from([0.0, 1e-3, 0.5]))
-    steps = draw(st.integers(1, 6))
-    tau = draw(st.sampled_from([1e-3, 0.1, 10.0]))
-    return problem.case, problem.seed, transfer, kappa, steps, tau
-
-
 @settings(max_examples=8)
 @given(local_problems())
 def test_neuron_matches_reference(problem):

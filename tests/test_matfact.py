@@ -9,8 +9,9 @@ import stat
 import numpy as np
 import pytest
 import scipy.linalg
-from conftest import RTOL, rel_err
 
+from lnb.testing import rel_err
+from lnb.testing.tolerances import RECURRENCE_RTOL, RTOL, SOLVE_RTOL
 from lnb_ref import ExactLNB, row_metric
 from lnb_ref.matfact import (
     ADAM_GRID,
@@ -48,16 +49,16 @@ def test_compressed_data_is_exactly_the_full_batch(small):
     params = [rng.normal(size=p.shape) for p in small.init_params]
     loss, grads, feats = net.loss_grads_features(params, small.X, small.Y)
     loss_c, grads_c, feats_c = net.loss_grads_features(params, Xc, Yc)
-    assert abs(loss_c - loss) < 1e-10 * loss
+    assert abs(loss_c - loss) < RTOL * loss
     for g, gc in zip(grads, grads_c, strict=True):
-        assert rel_err(gc, g) < 1e-9
+        assert rel_err(gc, g) < SOLVE_RTOL
     for neuron, F, Fc in zip(net.neurons, feats, feats_c, strict=True):
-        assert rel_err(row_metric(neuron, Fc), row_metric(neuron, F)) < 1e-9
+        assert rel_err(row_metric(neuron, Fc), row_metric(neuron, F)) < SOLVE_RTOL
     # hence whole Algorithm 1 runs coincide
     opt = ExactLNB(net.neurons, 1.0)
     full = run(small, opt, 5, data=(small.X, small.Y))
     comp = run(small, ExactLNB(net.neurons, 1.0), 5)
-    assert rel_err(comp, full) < 1e-8
+    assert rel_err(comp, full) < RECURRENCE_RTOL
 
 
 def test_optimum_is_attained_and_is_a_lower_bound(small):
@@ -70,13 +71,13 @@ def test_optimum_is_attained_and_is_a_lower_bound(small):
     h = small.hidden
     B = (U[:, :h] * s[:h]) @ Vt[:h] @ np.linalg.inv(R)
     loss_B = np.mean(np.sum((small.X @ B.T - small.Y) ** 2, axis=1))
-    assert abs(loss_B - small.optimum()) < 1e-9 * small.optimum()
+    assert abs(loss_B - small.optimum()) < SOLVE_RTOL * small.optimum()
     w, V = np.linalg.eigh(S)
     sym = (V * np.sqrt(w)) @ V.T
     s_sym = scipy.linalg.svdvals(small.A @ sym)
-    assert abs(np.sum(s_sym[h:] ** 2) - small.optimum()) < 1e-9 * small.optimum()
+    assert abs(np.sum(s_sym[h:] ** 2) - small.optimum()) < SOLVE_RTOL * small.optimum()
     losses = run(small, ExactLNB(small.network.neurons, lambda t: 1e-1 * 0.97**t), 400)
-    assert np.all(losses >= small.optimum() * (1 - 1e-9))
+    assert np.all(losses >= small.optimum() * (1 - SOLVE_RTOL))
     assert losses[-1] - small.optimum() < 1e-3 * (losses[0] - small.optimum())
 
 
@@ -86,36 +87,45 @@ def test_steps_to_reach():
     assert steps_to_reach(curve, 0.1) is None
 
 
-def check_fig1_claim(seed: int) -> dict:
-    """Fig. 1: at equal step counts (100 and 1000) LNB's excess loss (Algorithm 1, and
-    Algorithm 2 with 2 PCG iterations) is below that of GD and Adam at their best grid step.
-    The grids bracket each baseline's optimum (GD diverges at the top of its grid), so "best of
-    grid" is not an artefact of a short grid."""
-    result = compare(seed=seed, steps=1000, at=(100, 1000))
+def check_fig1_claim(seed: int, steps: int = 1000) -> dict:
+    """Fig. 1: at equal step counts (100 and ``steps``; the paper's figure: 1000) LNB's excess
+    loss (Algorithm 1, and Algorithm 2 with 2 PCG iterations) is below that of GD and Adam at
+    their best grid step, and stays below every baseline from some step ≤ ``steps`` on. The
+    grids bracket each baseline's optimum (:func:`check_grids_bracket`, asserted for seed 0), so
+    "best of grid" is not an artefact of a short grid."""
+    result = compare(seed=seed, steps=steps, at=(100, steps))
     rows = {row["optimizer"]: row for row in result["rows"]}
     for lnb_name in ("LNB, Algorithm 1 (exact)", "LNB, Algorithm 2 (2 PCG its)"):
         lnb = rows[lnb_name]
-        for step in (100, 1000):
+        for step in (100, steps):
             for name in ("gradient descent", "Adam"):
                 best = min(r["excess"][step] for key, r in rows.items() if key.startswith(name))
                 assert lnb["excess"][step] < best, (seed, lnb_name, step, name, best)
-        assert result["ahead_from"][lnb_name] <= 1000
+        assert result["ahead_from"][lnb_name] <= steps
     return result
 
 
-def test_fig1_claim_seed0():
-    result = check_fig1_claim(0)
-    # the grids really bracket the baselines: GD's largest step diverges, the best is interior
+def check_grids_bracket(result: dict) -> None:
+    """The grids really bracket the baselines: GD's largest step diverges, the best is interior."""
     best_gd = {row["setting"] for row in result["rows"] if row["optimizer"].startswith("gradient")}
     assert f"lr = {GD_GRID[-1]:g}" not in best_gd
     best_adam = {row["setting"] for row in result["rows"] if row["optimizer"].startswith("Adam")}
     assert f"lr = {ADAM_GRID[-1]:g}" not in best_adam and f"lr = {ADAM_GRID[0]:g}" not in best_adam
 
 
+def test_fig1_claim_seed0_300_steps():
+    """The claim over the first 300 steps (seed 0, measured: LNB's excess 11.6 and 9.8 at step
+    100 against GD's 108 and Adam's 38, 0.08 and 0.04 at step 300 against 74 and 5.7; ahead of
+    every baseline from steps 126 and 70); the 1000 steps of the figure are the slow test below."""
+    check_grids_bracket(check_fig1_claim(0, steps=300))
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("seed", [1, 2, 3])
-def test_fig1_claim_other_seeds(seed):
-    check_fig1_claim(seed)
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_fig1_claim(seed):
+    result = check_fig1_claim(seed)
+    if seed == 0:
+        check_grids_bracket(result)
 
 
 # --- results files ------------------------------------------------------------------------------

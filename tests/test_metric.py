@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import RTOL, correlated_features, naive_conv2d, rel_err
+from conftest import naive_conv2d
 from hypothesis import given
 from hypothesis import strategies as st
 
+from lnb.testing import correlated_features, rel_err
+from lnb.testing.strategies import seeds
+from lnb.testing.tolerances import RTOL, SOLVE_RTOL
 from lnb_ref import (
     Conv2d,
     Dense,
@@ -23,8 +26,6 @@ from lnb_ref import (
     solve_exact,
     step_norm,
 )
-
-seeds = st.integers(0, 2**32 - 1)
 
 
 @given(seed=seeds, n=st.integers(1, 12), d_in=st.integers(1, 6), d_out=st.integers(1, 4))
@@ -190,4 +191,4 @@ def test_step_norm_is_function_space_norm(seed, n, d, bias):
     z = step_norm(theta_hat, g)
     f_norm = np.sum(neuron.forward(X, theta_hat) ** 2) / n
     assert z > 0
-    assert abs(z - f_norm) / z < 1e-9  # one solve with κ(M) up to ~1e4 here: looser than RTOL
+    assert abs(z - f_norm) / z < SOLVE_RTOL  # one solve with κ(M) up to ~1e4 here

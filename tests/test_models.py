@@ -48,6 +48,7 @@ def rows(model: models.Model, params, batch) -> list[tuple[str, str]]:
 
 
 # --- shapes, init, build --------------------------------------------------------------------------
+@pytest.mark.x64  # lnb.models makes float32 parameters even when JAX defaults to float64
 @pytest.mark.parametrize(
     "name, x_shape, out_shape",
     [
@@ -60,7 +61,7 @@ def rows(model: models.Model, params, batch) -> list[tuple[str, str]]:
 def test_output_shapes_and_float32_params(name, x_shape, out_shape):
     model = small(name)
     params = model.init(np.random.default_rng(0))
-    # float32 although the test suite enables x64, and the same seed gives the same parameters
+    # float32 even with x64 on (see the mark), and the same seed gives the same parameters
     leaves = jax.tree_util.tree_leaves(params)
     assert leaves and all(leaf.dtype == jnp.float32 for leaf in leaves)
     again = jax.tree_util.tree_leaves(model.init(np.random.default_rng(0)))

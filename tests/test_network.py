@@ -6,14 +6,15 @@ from functools import partial
 
 import numpy as np
 import pytest
-from conftest import RTOL, naive_conv2d, rel_err
+from conftest import naive_conv2d
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
+from lnb.testing import rel_err
+from lnb.testing.strategies import seeds
+from lnb.testing.tolerances import RTOL
 from lnb_ref import CNN, MLP, Conv2d, Dense, NeuronShapeError, NonFiniteError
 from lnb_ref.network import ACTIVATIONS, mean_squared_error, softmax_cross_entropy
-
-seeds = st.integers(0, 2**32 - 1)
 
 # --- helpers ----------------------------------------------------------------------------------
 

@@ -16,42 +16,25 @@ optax = pytest.importorskip("optax")
 import jax.numpy as jnp  # noqa: E402
 
 import lnb_fast  # noqa: E402
+from lnb.testing.mlp import classification_batches, mlp_loss, mlp_params  # noqa: E402
+from lnb.testing.tolerances import RTOL, STEP_RTOL  # noqa: E402
 from lnb_fast.errors import CompositionError, NonFiniteError, StructureError  # noqa: E402
+
+# compositions are compared with the plain transformation at float64 rounding
+pytestmark = pytest.mark.x64
 
 
 def mlp(sizes=(6, 10, 8, 3), dtype=jnp.float64, seed=0, n=32):
     """A tanh MLP (list of {'w', 'b'}), its mean cross-entropy and one batch."""
     rng = np.random.default_rng(seed)
-    params = [
-        {
-            "w": jnp.asarray(rng.normal(size=(a, b)) / np.sqrt(a), dtype),
-            "b": jnp.asarray(rng.normal(size=b) * 0.1, dtype),
-        }
-        for a, b in zip(sizes[:-1], sizes[1:], strict=True)
-    ]
-
-    def loss(p, batch):
-        x, y = batch
-        for i, layer in enumerate(p):
-            x = x @ layer["w"] + layer["b"]
-            if i < len(p) - 1:
-                x = jnp.tanh(x)
-        return optax.softmax_cross_entropy_with_integer_labels(x, y).mean()
-
+    params = mlp_params(rng, sizes, dtype)
     x = jnp.asarray(rng.normal(size=(n, sizes[0])) + 0.5, dtype)
     y = jnp.asarray(rng.integers(0, sizes[-1], size=n))
-    return params, loss, (x, y)
+    return params, mlp_loss, (x, y)
 
 
 def batches(seed, count, n=32, d=6, classes=3, dtype=jnp.float64):
-    rng = np.random.default_rng(seed)
-    return [
-        (
-            jnp.asarray(rng.normal(size=(n, d)) + 0.5, dtype),
-            jnp.asarray(rng.integers(0, classes, size=n)),
-        )
-        for _ in range(count)
-    ]
+    return classification_batches(seed, count, n, d, classes, dtype)
 
 
 def run(opt, params, loss, data, jit=True):
@@ -95,7 +78,7 @@ def test_inject_hyperparams_learning_rate(factory, kwargs):
     plain, _ = run(factory(**kwargs), params, loss, data)
     injected_opt = optax.inject_hyperparams(factory)(**kwargs)
     injected, state = run(injected_opt, params, loss, data)
-    assert_trees_close(injected, plain, rtol=1e-10)
+    assert_trees_close(injected, plain, rtol=RTOL)
     (name,) = kwargs
     state.hyperparams[name] = 0.0 * state.hyperparams[name]
     _, grads, feats = lnb_fast.value_and_grad(loss)(injected, batch)
@@ -117,7 +100,7 @@ def test_inject_hyperparams_keeps_the_unrolled_iterations_static():
     assert_trees_close(
         run(opt, params, loss, data)[0],
         run(lnb_fast.lnb(0.05, cg_iterations=3), params, loss, data)[0],
-        rtol=1e-10,
+        rtol=RTOL,
     )
 
 
@@ -147,15 +130,20 @@ def lnb_on_the_part_alone(make_opt, params, loss, data, part):
         a, b = iter(mine), iter(rest)
         return [next(a) if i in part else next(b) for i in range(len(params))]
 
+    @jax.jit  # one compilation for the run (eagerly, every operation compiles on its own)
+    def step(mine, rest, s_lnb, s_adam, batch):
+        _, g_mine, feats = lnb_fast.value_and_grad(lambda m, b: loss(merge(m, rest), b))(
+            mine, batch
+        )
+        g_rest = jax.grad(lambda r: loss(merge(mine, r), batch))(rest)
+        u, s_lnb = lnb_opt.update(g_mine, s_lnb, mine, features=feats)
+        v, s_adam = adam.update(g_rest, s_adam, rest)
+        return optax.apply_updates(mine, u), optax.apply_updates(rest, v), s_lnb, s_adam
+
     mine, rest = split(params)
     s_lnb, s_adam = lnb_opt.init(mine), adam.init(rest)
     for batch in data:
-        loss_mine = lambda m, batch, rest=rest: loss(merge(m, rest), batch)  # noqa: E731
-        _, g_mine, feats = lnb_fast.value_and_grad(loss_mine)(mine, batch)
-        g_rest = jax.grad(lambda r, mine=mine, batch=batch: loss(merge(mine, r), batch))(rest)
-        u, s_lnb = lnb_opt.update(g_mine, s_lnb, mine, features=feats)
-        v, s_adam = adam.update(g_rest, s_adam, rest)
-        mine, rest = optax.apply_updates(mine, u), optax.apply_updates(rest, v)
+        mine, rest, s_lnb, s_adam = step(mine, rest, s_lnb, s_adam, batch)
     return merge(mine, rest)
 
 
@@ -189,7 +177,7 @@ def test_masked_and_partition_train_part_of_a_model(make_opt):
     }
     for name, opt in wrappers.items():
         got, _ = run(opt, params, loss, data)
-        assert_trees_close(got, want, rtol=1e-9, atol=1e-14), name
+        assert_trees_close(got, want, rtol=STEP_RTOL, atol=1e-14), name
 
 
 def test_masking_a_bias_only_drops_it_from_its_neuron():
@@ -208,7 +196,7 @@ def test_masking_a_bias_only_drops_it_from_its_neuron():
     trainable = [layer if i != 1 else {"w": layer["w"]} for i, layer in enumerate(params)]
     want, _ = run(lnb_fast.lnb(0.05), trainable, loss_without, data)
     want[1] = {"w": want[1]["w"], "b": params[1]["b"]}
-    assert_trees_close(got, want, rtol=1e-9, atol=1e-14)
+    assert_trees_close(got, want, rtol=STEP_RTOL, atol=1e-14)
 
 
 def test_masked_covariance_and_foof_with_neurons():
@@ -336,22 +324,25 @@ def test_checkpoint_round_trip_and_bit_exact_resume(strategy, tmp_path):
     table = lnb_fast.value_and_grad(loss).table(params, batch)
     opt = lnb_fast.lnb(0.05, strategy=strategy, neurons=table, b1=0.9, refresh_every=2)
     data = batches(6, 5, dtype=jnp.float32)
-    want, _ = run(opt, params, loss, data)
-    mid, state = run(opt, params, loss, data[:2])
-    restored = save_restore(state, tmp_path)
-    assert jax.tree.structure(restored) == jax.tree.structure(state)
-    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state), strict=True):
-        assert a.dtype == b.dtype
-        np.testing.assert_array_equal(a, b)
-
     vgf = lnb_fast.value_and_grad(loss)
 
-    @jax.jit
+    @jax.jit  # one program for the uninterrupted run, the first two steps and the resumed run
     def step(params, state, batch):
         _, grads, feats = vgf(params, batch)
         updates, state = opt.update(grads, state, params, features=feats)
         return optax.apply_updates(params, updates), state
 
+    want, state = params, opt.init(params)
+    for b in data:
+        want, state = step(want, state, b)
+    mid, state = params, opt.init(params)
+    for b in data[:2]:
+        mid, state = step(mid, state, b)
+    restored = save_restore(state, tmp_path)
+    assert jax.tree.structure(restored) == jax.tree.structure(state)
+    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state), strict=True):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(a, b)
     for b in data[2:]:
         mid, restored = step(mid, restored, b)
     for a, b in zip(jax.tree.leaves(mid), jax.tree.leaves(want), strict=True):

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import RTOL, correlated_features, rel_err
 from hypothesis import given
 from hypothesis import strategies as st
 
+from lnb.testing import correlated_features, rel_err
+from lnb.testing.strategies import seeds
+from lnb.testing.tolerances import RECURRENCE_RTOL, RTOL, SOLVE_RTOL
 from lnb_ref import (
     Dense,
     DiagonalPreconditioner,
@@ -23,8 +25,6 @@ from lnb_ref import (
 )
 from lnb_ref.solvers import design_moments
 
-seeds = st.integers(0, 2**32 - 1)
-
 
 @given(
     seed=seeds, n=st.integers(10, 40), d=st.integers(1, 6), k=st.integers(1, 3), bias=st.booleans()
@@ -36,7 +36,7 @@ def test_exact_solve_matches_dense_inverse(seed, n, d, k, bias):
     g = rng.normal(size=neuron.theta_shape)
     M = metric_from_forward(neuron, X)
     expected = np.linalg.solve(M, g.ravel()).reshape(g.shape)
-    assert rel_err(solve_exact(neuron, row_metric(neuron, X), g), expected) < 1e-9
+    assert rel_err(solve_exact(neuron, row_metric(neuron, X), g), expected) < SOLVE_RTOL
 
 
 @given(
@@ -66,7 +66,7 @@ def test_pcg_to_full_dimension_is_exact(seed, d, k, bias, precondition):
     x0 = rng.normal(size=neuron.theta_shape)
     result = pcg(lambda v: metric_matvec(neuron, X, v), g, neuron.n_params, P, x0)
     exact = solve_exact(neuron, row_metric(neuron, X), g)
-    assert rel_err(result.x, exact) < 1e-8
+    assert rel_err(result.x, exact) < RECURRENCE_RTOL
     assert len(result.iterates) == neuron.n_params
     assert len(result.residual_norms) == neuron.n_params + 1
 
@@ -94,9 +94,9 @@ def test_incomplete_cholesky_preconditioner_is_eq12_with_diagonal_sigma(seed, d)
     M_diag = np.block(
         [[np.diag(var) + np.outer(mu[0], mu[0]), mu[0][:, None]], [mu[0][None, :], np.ones((1, 1))]]
     )
-    assert rel_err(pre.row_matrix()[0], np.linalg.inv(M_diag)) < 1e-9
+    assert rel_err(pre.row_matrix()[0], np.linalg.inv(M_diag)) < SOLVE_RTOL
     _, W = metric_factor(mu[0], np.diag(var))
-    assert rel_err(pre.row_matrix()[0], W @ W.T) < 1e-9
+    assert rel_err(pre.row_matrix()[0], W @ W.T) < SOLVE_RTOL
     v = rng.normal(size=neuron.theta_shape)
     assert rel_err(pre(v), v @ pre.row_matrix()[0].T) < RTOL
     assert np.count_nonzero(pre.row_matrix()[0] - np.diag(np.diag(pre.row_matrix()[0]))) > 0

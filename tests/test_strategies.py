@@ -1,56 +1,49 @@
 """Metric strategies of ``lnb_fast.lnb`` (matrix-free, gram, covariance), FOOF in both backends,
 the cost model and ``describe``'s strategy column.
 
-Tolerances (float64 on both sides, ``jax_enable_x64`` from conftest): the gram strategy runs the
-same PCG as matrix-free with products on ``C = ΦᵀΦ/n`` instead of a forward and a VJP, so the
-two differ only in summation order: ``κ · (a few ops) · eps`` per solve, 1e-10 with the
-well-conditioned features drawn here (κ ≲ 1e3), as tests/test_fast_crosscheck.py. The covariance
-strategy and FOOF invert ``A + γ`` by Cholesky on both sides (lnb_fast stores the inverse, lnb_ref
-the factor): again ``κ · eps`` per solve. Whole steps compound that over ≤ 12 steps and the
-network's nonlinearity: 1e-9 (the issue's bound for whole steps).
+Tolerances (float64 on both sides: the module is marked ``x64``; :mod:`lnb.testing.tolerances`):
+the gram strategy runs the same PCG as matrix-free with products on ``C = ΦᵀΦ/n`` instead of a
+forward and a VJP, so the two differ only in summation order (``rounding``, 1e-10, as
+tests/test_fast_crosscheck.py). The covariance strategy and FOOF invert ``A + γ`` by Cholesky on
+both sides (lnb_fast stores the inverse, lnb_ref the factor): again ``κ · eps`` per solve. Whole
+steps compound that over ≤ 12 steps and the network's nonlinearity (``steps``, 1e-9).
 """
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import assume, given
-from hypothesis import strategies as st
+from conftest import COMPILED
+from hypothesis import given, settings
 
 jax = pytest.importorskip("jax")
 optax = pytest.importorskip("optax")
 import jax.numpy as jnp  # noqa: E402
-from conftest import RTOL, rel_err  # noqa: E402
 
 import lnb_fast  # noqa: E402
-from lnb.check import (  # noqa: E402
+from lnb.testing import correlated_features, rel_err  # noqa: E402
+from lnb.testing.crosscheck import (  # noqa: E402
     cnn_loss,
     compare_steps,
     conv_case,
     dense_case,
-    draw_problem,
     mlp_loss,
 )
-from lnb.testing import correlated_features  # noqa: E402
+from lnb.testing.strategies import problems  # noqa: E402
+from lnb.testing.tolerances import RTOL, STEP_RTOL  # noqa: E402
 from lnb_fast.covariance import gram, gram_layout, gram_matvec  # noqa: E402
 from lnb_fast.strategy import choose, cost  # noqa: E402
 from lnb_ref import CNN, FOOF, MLP, CovarianceLNB, ExactLNB, OnlineLNB  # noqa: E402
 from lnb_ref.metric import metric_matvec  # noqa: E402
 from lnb_ref.solvers import design_moments, paper_preconditioner, pcg  # noqa: E402
 
-STEP_RTOL = 1e-9
+pytestmark = pytest.mark.x64  # both sides in float64
 
 
 # --- one neuron: gram == matrix-free == lnb_ref ------------------------------------------------
-@st.composite
-def problems(draw):
-    problem = draw_problem(
-        lambda lo, hi: draw(st.integers(lo, hi)), lambda options: draw(st.sampled_from(options))
-    )
-    assume(problem.well_posed())
-    return problem
 
 
+@settings(max_examples=COMPILED)
 @given(problems())
 def test_gram_pcg_matches_matrix_free_and_reference(problem):
     """Every PCG iterate with products on the Gram equals matrix-free's and lnb_ref's."""
@@ -329,7 +322,10 @@ def test_neurons_from_another_batch_size():
         lnb_fast.foof(0.1, neurons=table),
     ):
         _, grads, features = vgf(params, x)
-        updates, _ = opt.update(grads, opt.init(params), params, features=features)
+        # jitted: one compilation instead of one per operation
+        updates = jax.jit(
+            lambda g, f, opt=opt: opt.update(g, opt.init(params), params, features=f)[0]
+        )(grads, features)
         assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates))
         assert float(jnp.abs(updates["w"]).sum()) > 0
 

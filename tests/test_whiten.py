@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import RTOL, correlated_features, rel_err
 from hypothesis import given
 from hypothesis import strategies as st
 
+from lnb.testing import correlated_features, rel_err
+from lnb.testing.strategies import seeds
+from lnb.testing.tolerances import RTOL, SOLVE_RTOL
 from lnb_ref import (
     Dense,
     dense_bias_metric,
@@ -22,7 +24,6 @@ from lnb_ref import (
 from lnb_ref.errors import NotPositiveDefiniteError
 from lnb_ref.lnb import boosting_update
 
-seeds = st.integers(0, 2**32 - 1)
 methods = st.sampled_from(["symmetric", "cholesky"])
 
 
@@ -35,8 +36,8 @@ def test_factorization_of_eq12(seed, d, method):
     M = dense_bias_metric(mu, sigma)
     L, W = metric_factor(mu, sigma, method)
     assert rel_err(L.T @ L, M) < RTOL
-    assert rel_err(L @ W, np.eye(d + 1)) < 1e-9  # one triangular/symmetric solve, κ(S) ≤ ~1e2
-    assert rel_err(W @ W.T, np.linalg.inv(M)) < 1e-9
+    assert rel_err(L @ W, np.eye(d + 1)) < SOLVE_RTOL  # one triangular/symmetric solve, κ(S) ≤ ~1e2
+    assert rel_err(W @ W.T, np.linalg.inv(M)) < SOLVE_RTOL
     if method == "cholesky":  # S = Rᵀ is upper triangular (Σ = R Rᵀ), and so is S⁻¹ in W
         assert np.all(np.tril(L[:d, :d], -1) == 0.0)
         assert np.all(np.tril(W[:d, :d], -1) == 0.0)
@@ -50,15 +51,15 @@ def test_whitening_map(seed, d, method):
     mu, sigma = feature_moments(X)
     Z = whiten(X, mu, sigma, method)
     mz, sz = feature_moments(Z)
-    assert np.max(np.abs(mz)) < 1e-10
-    assert rel_err(sz, np.eye(d)) < 1e-9
+    assert np.max(np.abs(mz)) < RTOL
+    assert rel_err(sz, np.eye(d)) < SOLVE_RTOL
     _, W = metric_factor(mu, sigma, method)
     F = whitened_features(X, W)
-    assert rel_err(F[:, :d], Z) < 1e-9
+    assert rel_err(F[:, :d], Z) < SOLVE_RTOL
     assert np.all(F[:, d] == 1.0)
     if method == "symmetric":  # ZCA: Σ^{-1/2}(x − μ) with the symmetric inverse square root
         w, V = np.linalg.eigh(sigma)
-        assert rel_err(Z, (X - mu) @ (V / np.sqrt(w)) @ V.T) < 1e-9
+        assert rel_err(Z, (X - mu) @ (V / np.sqrt(w)) @ V.T) < SOLVE_RTOL
 
 
 @given(seed=seeds, d=st.integers(1, 6), k=st.integers(2, 4), method=methods)
@@ -98,15 +99,15 @@ def test_gradient_step_on_whitened_model_is_lnb_step(seed, d, k, method):
     whitened = Dense("phi", d + 1, k)
     F = whitened_features(X, W)
     phi = theta @ L.T
-    assert rel_err(whitened.forward(F, phi), original.forward(X, theta)) < 1e-9
+    assert rel_err(whitened.forward(F, phi), original.forward(X, theta)) < SOLVE_RTOL
     _, lam_w = ce_and_error(whitened.forward(F, phi))
     g_phi = whitened.vjp_theta(F, lam_w)
     # on whitened features the metric is the identity, so LNB there is normalised GD
-    assert rel_err(row_metric(whitened, F)[0], np.eye(d + 1)) < 1e-9
+    assert rel_err(row_metric(whitened, F)[0], np.eye(d + 1)) < SOLVE_RTOL
     z_phi = step_norm(g_phi, g_phi)
-    assert abs(z_phi - z) < 1e-9 * z
+    assert abs(z_phi - z) < SOLVE_RTOL * z
     gd_phi = phi - np.sqrt(eps / z_phi) * g_phi
-    assert rel_err(gd_phi @ W.T, lnb_theta) < 1e-9
+    assert rel_err(gd_phi @ W.T, lnb_theta) < SOLVE_RTOL
 
 
 def test_factor_rejects_singular_covariance():

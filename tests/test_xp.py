@@ -6,19 +6,17 @@ is installed (it rejects anything outside the standard, so it checks that the co
 any compliant library). Inputs are drawn in NumPy float64, moved to the backend, and results
 moved back for the comparison.
 
-Tolerances: both sides run in float64 and differ only in summation order (a few matmuls of
-length ≤ a few hundred, vs the reference's ``einsum``), so each quantity agrees to
-``κ · (a few ops) · eps``. The problems drawn here are well conditioned (correlated features with
-κ ≲ 1e3, and a ridge γ ≥ 1e-3 so that no metric is singular), and 1e-10 relative leaves about
-three orders of magnitude of headroom. Whole training runs compound that over 10 steps and the
-networks' nonlinearity, hence 1e-9 (the issue's bound).
+Tolerances (:mod:`lnb.testing.tolerances`): both sides run in float64 and differ only in
+summation order (a few matmuls vs the reference's ``einsum``) on well-conditioned problems
+(correlated features, a ridge γ ≥ 1e-3 so that no metric is singular): ``rounding`` (1e-10) per
+quantity; whole training runs compound it over 10 steps and the networks' nonlinearity:
+``steps`` (1e-9).
 """
 
 from __future__ import annotations
 
 import ast
 import json
-import math
 import os
 import re
 import runpy
@@ -28,19 +26,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import RTOL, rel_err
-from hypothesis import assume, given
+from hypothesis import given
 from hypothesis import strategies as st
 
 import lnb_ref
-from lnb.testing import correlated_features
+from lnb.testing import rel_err
+from lnb.testing.strategies import xp_problems
+from lnb.testing.tolerances import RTOL, STEP_RTOL
 from lnb_fast import xp as lnbxp
 from lnb_fast.errors import NonFiniteError, StructureError
 from lnb_ref import metric as ref_metric
 from lnb_ref import solvers as ref_solvers
 
 ROOT = Path(__file__).resolve().parents[1]
-STEP_RTOL = 1e-9  # whole Algorithm-2 runs: 10 steps through a nonlinear network (see above)
 
 
 # --- backends ---------------------------------------------------------------------------------
@@ -85,43 +83,8 @@ def backend(request):
     return {"numpy": _numpy, "cupy": _cupy, "array_api_strict": _strict}[request.param]()
 
 
-# --- random neurons ---------------------------------------------------------------------------
-@st.composite
-def problems(draw):
-    """A random dense or conv neuron (both sides), its input X, a gradient-like g, a vector v,
-    moments μ, χ of the right shapes (from another batch) and a ridge γ."""
-    seed = draw(st.integers(0, 2**32 - 1))
-    rng = np.random.default_rng(seed)
-    bias = draw(st.booleans())
-    if draw(st.booleans()):
-        d_in, d_out = draw(st.integers(1, 8)), draw(st.integers(1, 5))
-        lead = draw(st.sampled_from([(12,), (3, 5), (40,)]))
-        X = correlated_features(rng, math.prod(lead), d_in).reshape(*lead, d_in)
-        ref = lnb_ref.Dense("layer", d_in, d_out, bias=bias)
-        new = lnbxp.Dense(d_in, d_out, bias=bias, name="layer")
-    else:
-        groups = draw(st.sampled_from([1, 2]))
-        c_in, c_out = groups * draw(st.integers(1, 2)), groups * draw(st.integers(1, 2))
-        k = draw(st.sampled_from([1, 2, 3, (2, 3)]))
-        stride = draw(st.sampled_from([1, 2, (1, 2)]))
-        padding = draw(st.sampled_from([0, 1, (1, 0)]))
-        dilation = draw(st.sampled_from([1, 2]))
-        hw = draw(st.integers(3, 7))
-        n = draw(st.integers(1, 3))
-        args = (c_in, c_out, k, stride, padding, dilation, groups, bias)
-        ref = lnb_ref.Conv2d("layer", *args)
-        assume(min(ref.output_hw(hw, hw)) >= 1)
-        new = lnbxp.Conv2d(*args, name="layer")
-        X = rng.normal(size=(n, c_in, hw, hw)) + rng.normal(size=(1, c_in, 1, 1))
-    theta_shape = ref.theta_shape
-    g, v, x0 = (rng.normal(size=theta_shape) for _ in range(3))
-    mu, chi = ref_solvers.design_moments(ref, X + 0.1 * rng.normal(size=X.shape))
-    ridge = draw(st.sampled_from([1e-3, 1e-1]))
-    return ref, new, X, g, v, x0, mu, chi, ridge
-
-
-# --- building blocks --------------------------------------------------------------------------
-@given(problems())
+# --- random neurons: lnb.testing.strategies.xp_problems ------------------------------------
+@given(xp_problems())
 def test_design_metric_and_moments_match_reference(backend, problem):
     ref, new, X, _, v, _, _, _, ridge = problem
     Xb, vb = backend.put(X), backend.put(v)
@@ -138,7 +101,7 @@ def test_design_metric_and_moments_match_reference(backend, problem):
         assert rel_err(backend.get(got), want) < RTOL
 
 
-@given(problems())
+@given(xp_problems())
 def test_preconditioners_match_reference(backend, problem):
     ref, new, _, _, v, _, mu, chi, ridge = problem
     P_new = lnbxp.paper_preconditioner(new, backend.put(mu), backend.put(chi), ridge)
@@ -147,7 +110,7 @@ def test_preconditioners_match_reference(backend, problem):
     assert rel_err(backend.get(P_new(backend.put(v))), P_ref(v)) < RTOL
 
 
-@given(problems(), st.integers(1, 4), st.booleans(), st.booleans())
+@given(xp_problems(), st.integers(1, 4), st.booleans(), st.booleans())
 def test_every_pcg_iterate_matches_reference(backend, problem, iterations, precondition, warm):
     ref, new, X, g, _, x0, mu, chi, ridge = problem
     Xb = backend.put(X)

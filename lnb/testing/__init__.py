@@ -1,5 +1,13 @@
-"""Small NumPy helpers shared by the test suite and ``lnb check`` (no JAX import here, so the
-reference's tests can use them without the fast backend)."""
+"""What the test suite and ``lnb check`` share (``docs/testing.md`` is the guide):
+
+* here, small NumPy helpers (no JAX import, so the reference's tests can use them without the
+  fast backend): :func:`rel_err`, :func:`correlated_features`, :func:`teacher_problem`;
+* :mod:`lnb.testing.tolerances`: the one table of tolerances, by quantity and dtype, explained;
+* :mod:`lnb.testing.crosscheck`: the fast-vs-reference harness (needs JAX): both sides of a
+  random neuron, its solve's errors, whole steps on the reference's MLP and CNN;
+* :mod:`lnb.testing.strategies`: the hypothesis strategies (needs hypothesis);
+* :mod:`lnb.testing.mlp`: the tiny tanh MLP and batches the optax tests train (needs JAX).
+"""
 
 from __future__ import annotations
 

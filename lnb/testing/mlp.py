@@ -1,0 +1,48 @@
+"""The tiny tanh MLP and classification batches that the optax tests train
+(``tests/test_conformance.py``, ``tests/test_optax_composition.py``): a list of ``{"w", "b"}``
+layers, plain JAX (``lnb_fast`` finds the dense neurons itself), in any float dtype. Needs JAX.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+
+def mlp_params(rng: np.random.Generator, sizes, dtype=None) -> list[dict]:
+    """One ``{"w": (a, b), "b": (b,)}`` per consecutive pair of ``sizes``: weights
+    ``N(0, 1/a)``, biases ``N(0, 0.01)``, drawn from ``rng`` layer by layer (w, then b);
+    ``dtype`` None is JAX's default float (float64 under x64)."""
+    return [
+        {
+            "w": jnp.asarray(rng.normal(size=(a, b)) / np.sqrt(a), dtype),
+            "b": jnp.asarray(rng.normal(size=b) * 0.1, dtype),
+        }
+        for a, b in zip(sizes[:-1], sizes[1:], strict=True)
+    ]
+
+
+def mlp_loss(params, batch):
+    """Mean softmax cross-entropy of the tanh MLP ``params`` on ``batch = (x, labels)``; the
+    logits of a low-precision model (bf16, f16) are promoted to float32 for the loss."""
+    x, y = batch
+    for i, layer in enumerate(params):
+        x = x @ layer["w"] + layer["b"]
+        if i < len(params) - 1:
+            x = jnp.tanh(x)
+    x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    return optax.softmax_cross_entropy_with_integer_labels(x, y).mean()
+
+
+def classification_batches(seed: int, count: int, n: int, d: int, classes: int, dtype=None):
+    """``count`` batches ``(x, labels)``: ``x`` of shape ``(n, d)``, ``N(0.5, 1)`` entries (a
+    nonzero mean, as real features have), labels uniform over ``classes``."""
+    rng = np.random.default_rng(seed)
+    return [
+        (
+            jnp.asarray(rng.normal(size=(n, d)) + 0.5, dtype),
+            jnp.asarray(rng.integers(0, classes, size=n)),
+        )
+        for _ in range(count)
+    ]
