@@ -43,6 +43,7 @@ oracles are :class:`lnb_ref.lnb.OnlineLNB` (matrix-free, gram), which the test s
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -526,26 +527,7 @@ def lnb(
     return optax.GradientTransformationExtraArgs(init, update)
 
 
-def scale_by_lnb(
-    *,
-    ridge: float = 1e-3,
-    z0: float = 0.0,
-    b1: float = 0.0,
-    b2: float = 0.99,
-    cg_iterations: int | None = None,
-    precondition: bool = True,
-    warm_start: bool = True,
-    nonfinite: str | None = "skip",
-    strategy: str | dict = "auto",
-    refresh_every: int = 10,
-    covariance_every: int = 1,
-    neurons: NeuronTable | None = None,
-    relative_ridge: bool = False,
-    step_norm: str = "metric",
-    min_descent: float = 0.5,
-    axis_name: str | tuple[str, ...] | None = None,
-    covariance_sync: str = "step",
-) -> optax.GradientTransformationExtraArgs:
+def scale_by_lnb(**options) -> optax.GradientTransformationExtraArgs:
     """LNB's direction in optax's shape: ``θ̂ / √z``, of squared length 1 in the metric (the
     solve, the moments, the gradient EMA and the non-finite guard of :func:`lnb`; state
     :class:`LNBState`). Scale it as any ``scale_by_*``::
@@ -556,35 +538,31 @@ def scale_by_lnb(
     (for a schedule, ``optax.scale_by_schedule(lambda t: -jnp.sqrt(ε(t)))``): ``θ ← (1 − √ε·ρ)θ
     − √(ε/z)·θ̂`` either way, to rounding (``tests/test_optax_composition.py``). :func:`lnb`
     itself stays one transformation so that ε is checked with the inputs of the step (a NaN
-    learning rate skips the step instead of reaching the parameters). Arguments as
-    :func:`lnb`'s."""
-    inner = lnb(
-        1.0,
-        0.0,
-        ridge=ridge,
-        z0=z0,
-        b1=b1,
-        b2=b2,
-        cg_iterations=cg_iterations,
-        precondition=precondition,
-        warm_start=warm_start,
-        nonfinite=nonfinite,
-        strategy=strategy,
-        refresh_every=refresh_every,
-        covariance_every=covariance_every,
-        neurons=neurons,
-        relative_ridge=relative_ridge,
-        step_norm=step_norm,
-        min_descent=min_descent,
-        axis_name=axis_name,
-        covariance_sync=covariance_sync,
-    )
+    learning rate skips the step instead of reaching the parameters). Keyword arguments:
+    :func:`lnb`'s, but ``learning_rate`` and ``weight_decay`` (its signature is built from
+    :func:`lnb`'s, so the two cannot drift apart)."""
+    fixed = sorted(set(options) & {"learning_rate", "weight_decay"})
+    if fixed:
+        raise TypeError(
+            f"scale_by_lnb takes no {' or '.join(fixed)}: scale its direction in the chain "
+            "(optax.add_decayed_weights(ρ), optax.scale(-√ε)), or use lnb_fast.lnb(ε, ρ)"
+        )
+    inner = lnb(1.0, 0.0, **options)
 
     def update(grads, state: LNBState, params=None, **extra_args):
         updates, state = inner.update(grads, state, params, **extra_args)
         return jax.tree.map(jnp.negative, updates), state  # lnb(1, 0) steps along −θ̂/√z
 
     return optax.GradientTransformationExtraArgs(inner.init, update)
+
+
+scale_by_lnb.__signature__ = inspect.signature(lnb).replace(
+    parameters=[
+        p.replace(kind=inspect.Parameter.KEYWORD_ONLY)
+        for name, p in inspect.signature(lnb).parameters.items()
+        if name not in ("learning_rate", "weight_decay")
+    ]
+)
 
 
 def _wide(dtype):

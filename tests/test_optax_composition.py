@@ -6,6 +6,7 @@ table of another model."""
 
 from __future__ import annotations
 
+import inspect
 import pickle
 
 import numpy as np
@@ -117,6 +118,25 @@ def test_scale_by_lnb_chained_with_decay_and_rate_equals_lnb():
     assert_trees_close(got, want, rtol=1e-12, atol=1e-15)
     assert isinstance(state[0], lnb_fast.LNBState)
     assert_trees_close(state[0].direction, want_state.direction, rtol=1e-12, atol=1e-15)
+
+
+def test_scale_by_lnb_takes_every_option_of_lnb_but_the_rate_and_decay():
+    """One source for the options: ``scale_by_lnb``'s signature is ``lnb``'s without
+    ``learning_rate``/``weight_decay`` (keyword-only, same defaults), it forwards each of them
+    (``inject_hyperparams`` binds through that signature), and a rate or decay is refused with
+    the chain to use instead."""
+    mine = inspect.signature(lnb_fast.scale_by_lnb).parameters
+    theirs = inspect.signature(lnb_fast.lnb).parameters
+    assert list(mine) == [n for n in theirs if n not in ("learning_rate", "weight_decay")]
+    for name, p in mine.items():
+        assert p.kind is inspect.Parameter.KEYWORD_ONLY
+        assert p.default == theirs[name].default, name
+    with pytest.raises(ValueError, match="step_norm"):  # forwarded: lnb validates it
+        lnb_fast.scale_by_lnb(step_norm="nope")
+    with pytest.raises(TypeError, match="scale_by_lnb takes no learning_rate"):
+        lnb_fast.scale_by_lnb(learning_rate=0.1)
+    injected = optax.inject_hyperparams(lnb_fast.scale_by_lnb)(ridge=0.01)
+    assert float(injected.init({"w": jnp.zeros((2, 2))}).hyperparams["ridge"]) == 0.01
 
 
 # --- masked / partition: LNB on part of a model ------------------------------------------------
