@@ -15,7 +15,6 @@ per transformation)."""
 from __future__ import annotations
 
 import functools
-import pickle
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -27,7 +26,7 @@ import jax.numpy as jnp  # noqa: E402
 from jax import lax  # noqa: E402
 
 import lnb_fast  # noqa: E402
-from lnb.testing.mlp import classification_batches, mlp_loss, mlp_params  # noqa: E402
+from lnb.testing.mlp import classification_batches, mlp_loss, mlp_params, save_restore  # noqa: E402
 from lnb.testing.tolerances import FLOAT32_ATOL, FLOAT32_RTOL  # noqa: E402
 
 STEPS = 3
@@ -262,20 +261,6 @@ def test_vmap_over_seeds_of_a_scan_over_steps(name):
         pick = lambda tree, k=k: jax.tree.map(lambda x: x[k], tree)  # noqa: E731
         leaves_equal(pick(params), want_params, rtol=FLOAT32_RTOL)
         assert int(pick(state).count) == int(want_state.count) == STEPS
-
-
-def save_restore(state, path):
-    try:
-        import orbax.checkpoint as ocp
-    except ImportError:  # pragma: no cover - pickle of host copies
-        return jax.tree.map(jnp.asarray, pickle.loads(pickle.dumps(jax.device_get(state))))
-    ckpt = ocp.StandardCheckpointer()
-    try:
-        ckpt.save(path, state)
-        ckpt.wait_until_finished()
-        return ckpt.restore(path, jax.tree.map(ocp.utils.to_shape_dtype_struct, state))
-    finally:
-        ckpt.close()
 
 
 def test_checkpoint_round_trip_and_resume(name, tmp_path):

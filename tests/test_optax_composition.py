@@ -7,7 +7,6 @@ table of another model."""
 from __future__ import annotations
 
 import inspect
-import pickle
 
 import numpy as np
 import pytest
@@ -17,7 +16,7 @@ optax = pytest.importorskip("optax")
 import jax.numpy as jnp  # noqa: E402
 
 import lnb_fast  # noqa: E402
-from lnb.testing.mlp import classification_batches, mlp_loss, mlp_params  # noqa: E402
+from lnb.testing.mlp import classification_batches, mlp_loss, mlp_params, save_restore  # noqa: E402
 from lnb.testing.tolerances import RTOL, STEP_RTOL  # noqa: E402
 from lnb_fast.errors import CompositionError, NonFiniteError, StructureError  # noqa: E402
 
@@ -321,23 +320,6 @@ def test_bad_schedules_are_named():
 
 
 # --- checkpoints --------------------------------------------------------------------------------
-def save_restore(state, tmp_path):
-    """Through orbax when it is installed, else pickle (of host copies)."""
-    try:
-        import orbax.checkpoint as ocp
-    except ImportError:  # pragma: no cover
-        blob = pickle.dumps(jax.device_get(state))
-        return jax.tree.map(jnp.asarray, pickle.loads(blob))
-    path = tmp_path / "ckpt"
-    ckpt = ocp.StandardCheckpointer()
-    try:
-        ckpt.save(path, state)
-        ckpt.wait_until_finished()
-        return ckpt.restore(path, jax.tree.map(ocp.utils.to_shape_dtype_struct, state))
-    finally:
-        ckpt.close()
-
-
 @pytest.mark.parametrize("strategy", ["covariance", "gram"])
 def test_checkpoint_round_trip_and_bit_exact_resume(strategy, tmp_path):
     params, loss, batch = mlp(dtype=jnp.float32)
@@ -358,7 +340,7 @@ def test_checkpoint_round_trip_and_bit_exact_resume(strategy, tmp_path):
     mid, state = params, opt.init(params)
     for b in data[:2]:
         mid, state = step(mid, state, b)
-    restored = save_restore(state, tmp_path)
+    restored = save_restore(state, tmp_path / "ckpt")
     assert jax.tree.structure(restored) == jax.tree.structure(state)
     for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state), strict=True):
         assert a.dtype == b.dtype

@@ -1,10 +1,14 @@
 """The tiny tanh MLP and classification batches that the optax tests train
 (``tests/test_conformance.py``, ``tests/test_optax_composition.py``): a list of ``{"w", "b"}``
-layers, plain JAX (``lnb_fast`` finds the dense neurons itself), in any float dtype. Needs JAX.
+layers, plain JAX (``lnb_fast`` finds the dense neurons itself), in any float dtype; and the
+checkpoint round trip both use. Needs JAX.
 """
 
 from __future__ import annotations
 
+import pickle
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -46,3 +50,19 @@ def classification_batches(seed: int, count: int, n: int, d: int, classes: int, 
         )
         for _ in range(count)
     ]
+
+
+def save_restore(state, path):
+    """``state`` saved to ``path`` and restored, through orbax when it is installed (the `dev`
+    extra), else pickle of host copies."""
+    try:
+        import orbax.checkpoint as ocp
+    except ImportError:  # pragma: no cover - pickle of host copies
+        return jax.tree.map(jnp.asarray, pickle.loads(pickle.dumps(jax.device_get(state))))
+    ckpt = ocp.StandardCheckpointer()
+    try:
+        ckpt.save(path, state)
+        ckpt.wait_until_finished()
+        return ckpt.restore(path, jax.tree.map(ocp.utils.to_shape_dtype_struct, state))
+    finally:
+        ckpt.close()
