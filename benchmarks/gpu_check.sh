@@ -7,28 +7,42 @@
 #   3. runs benchmarks/step_time.py (every strategy against Adam, means over every step);
 #   4. builds the peers environment (JAX 0.9.1 + CUDA, kfac-jax, psgd-jax) and runs
 #      benchmarks/peers.py on Fashion-MNIST (MLP; --models to add the CNN and the ViT);
-#   5. writes $OUT/summary.md: the device, the versions, each step's exit status and its tables.
+#   5. writes $RESULTS/summary.md: the device, the versions, each step's exit status and its tables.
 #
 #   bash benchmarks/gpu_check.sh                 # everything (needs nvidia-smi and the network)
+#   bash benchmarks/gpu_check.sh --preinstalled  # offline: the Python in $PY already has JAX
+#                                                # with CUDA and CuPy (no installs; see below)
 #   bash benchmarks/gpu_check.sh --dry-run       # print the commands, run nothing
 #   bash benchmarks/gpu_check.sh --smoke         # CPU: the quick versions of 2-4, no installs
 #
-# Environment: PY (default .venv/bin/python), PEERS_VENV (.venv-kfac), OUT (results/gpu_check),
-# MODELS (mlp), EPOCHS (5). A failing step is recorded and the next one runs.
+# --preinstalled is for a machine with no network whose Python already holds jax + a CUDA plugin,
+# CuPy, optax, pytest, hypothesis, equinox and flax (as the GPUs lent to this project do). It
+# installs nothing but the wheels in .whl/ (if any, e.g. psgd-jax) into /tmp/site, skips K-FAC
+# (kfac-jax 0.0.8 needs JAX <= 0.9.1), and adds: benchmarks/matmul_precision.py (TF32 on the
+# metric), step_time.py again at JAX_DEFAULT_MATMUL_PRECISION=highest, and the float32 GPU run of
+# the tests that exercise lnb_fast. Each step has a time limit (STEP_TIMEOUT, default 150 s).
+#
+# Environment: PY (default .venv/bin/python; python3 with --preinstalled), PEERS_VENV (.venv-kfac),
+# RESULTS (results/gpu_check), MODELS (mlp), EPOCHS (5), DATA_PATH (Fashion-MNIST's IDX files;
+# default the Debian package's folder). A failing step is recorded and the next one runs.
 set -uo pipefail
 
 MODE=full
 case "${1:-}" in
   --dry-run) MODE=dry ;;
   --smoke) MODE=smoke ;;
+  --preinstalled) MODE=preinstalled ;;
   "") ;;
-  *) echo "usage: $0 [--dry-run | --smoke]" >&2; exit 2 ;;
+  *) echo "usage: $0 [--preinstalled | --dry-run | --smoke]" >&2; exit 2 ;;
 esac
 
 cd "$(dirname "$0")/.."
-PY=${PY:-.venv/bin/python}
+if [[ $MODE == preinstalled ]]; then PY=${PY:-python3}; else PY=${PY:-.venv/bin/python}; fi
 PEERS_VENV=${PEERS_VENV:-.venv-kfac}
-OUT=${OUT:-results/gpu_check}
+OUT=${RESULTS:-results/gpu_check}
+STEP_TIMEOUT=${STEP_TIMEOUT:-150}
+DATA_ARGS=()
+if [[ -n ${DATA_PATH:-} ]]; then DATA_ARGS=(--data-path "$DATA_PATH"); fi
 MODELS=${MODELS:-mlp}
 EPOCHS=${EPOCHS:-5}
 mkdir -p "$OUT"
@@ -40,7 +54,11 @@ step() {  # step NAME COMMAND...: run (or print) it, log to $OUT/NAME.log, recor
   local name=$1; shift
   echo "+ $*"
   if [[ $MODE == dry ]]; then status+=("| $name | not run (dry run) |"); return 0; fi
-  "$@" >"$OUT/$name.log" 2>&1
+  if [[ $MODE == preinstalled ]]; then
+    timeout "$STEP_TIMEOUT" "$@" >"$OUT/$name.log" 2>&1
+  else
+    "$@" >"$OUT/$name.log" 2>&1
+  fi
   local rc=$?
   status+=("| $name | exit $rc |")
   tail -n 3 "$OUT/$name.log"
@@ -59,6 +77,28 @@ if [[ $MODE == full ]]; then
   step step-time "$PY" benchmarks/step_time.py --quiet --no-time-to-target --out "$OUT/step_time.json"
   step peers-env bash -c "python3 -m venv '$PEERS_VENV' && '$PEERS_VENV/bin/python' -m pip install --quiet -e '.[peers]' 'jax[cuda12]==0.9.1'"
   step peers "$PEERS_VENV/bin/python" benchmarks/peers.py --quiet --models "$MODELS" --epochs "$EPOCHS" --out "$OUT/peers.json"
+elif [[ $MODE == preinstalled ]]; then
+  command -v nvidia-smi >/dev/null || { echo "no nvidia-smi: not a CUDA machine" >&2; exit 2; }
+  if compgen -G ".whl/*.whl" >/dev/null; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target /tmp/site .whl/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+  fi
+  export XLA_PYTHON_CLIENT_PREALLOCATE=false  # several processes share the GPU in the test step
+  step devices "$PY" -c 'import jax, cupy, optax; print(jax.__version__, optax.__version__, jax.devices()); print(cupy.__version__, cupy.cuda.runtime.getDeviceProperties(0)["name"])'
+  step test-xp "$PY" -m pytest -q -p no:cacheprovider tests/test_xp.py
+  step precision "$PY" benchmarks/matmul_precision.py --out "$OUT/matmul_precision.json"
+  step step-time "$PY" benchmarks/step_time.py --quiet --no-time-to-target --models mlp \
+    --out "$OUT/step_time.json"
+  step peers "$PY" benchmarks/peers.py --quiet --models "$MODELS" --epochs "$EPOCHS" \
+    --methods adam,lnb,muon,psgd "${DATA_ARGS[@]}" --out "$OUT/peers.json"
+  step step-time-cnn-vit "$PY" benchmarks/step_time.py --quiet --no-time-to-target \
+    --models cnn,vit --out "$OUT/step_time_cnn_vit.json"
+  step tests-gpu "$PY" -m pytest -q -p no:cacheprovider -n 8 -rfE tests/test_fast.py \
+    tests/test_step_norm.py tests/test_strategies.py tests/test_conformance.py \
+    tests/test_optax_composition.py tests/test_readme.py tests/test_models.py \
+    tests/test_locoprop_proxprop_fast.py tests/test_fast_crosscheck.py
+  JAX_DEFAULT_MATMUL_PRECISION=highest step step-time-highest "$PY" benchmarks/step_time.py \
+    --quiet --no-time-to-target --models mlp --out "$OUT/step_time_highest.json"
 elif [[ $MODE == smoke ]]; then
   step test-xp "$PY" -m pytest -q tests/test_xp.py
   step step-time "$PY" benchmarks/step_time.py --quick --quiet --models mlp --no-time-to-target --out "$OUT/step_time.json"
@@ -83,7 +123,7 @@ fi
   echo "| step | status |"
   echo "|---|---|"
   printf '%s\n' "${status[@]}"
-  for md in "$OUT/step_time.md" "$OUT/peers.md"; do
+  for md in "$OUT"/step_time*.md "$OUT/peers.md"; do
     if [[ -f $md ]]; then echo; echo "## $(basename "$md")"; echo; cat "$md"; fi
   done
 } >"$SUMMARY"

@@ -502,6 +502,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--train-eval", type=int, default=10_000, help="train images evaluated")
     parser.add_argument("--warmup", type=int, default=6, help="throwaway steps that compile")
     parser.add_argument("--blas-threads", type=int, default=1)
+    parser.add_argument(
+        "--data-path",
+        default=None,
+        help="folder of Fashion-MNIST's four IDX files (default: the Debian package's folder)",
+    )
     parser.add_argument("--out", type=Path, default=Path("results/peers.json"))
     parser.add_argument("--quiet", action="store_true")
     parser.add_argument(
@@ -533,7 +538,7 @@ def main(argv=None) -> int:
     else:
         from lnb.data import load
 
-        data = load("fashion-mnist")
+        data = load("fashion-mnist", path=args.data_path)
     args.dataset_name = data.name
     start = time.perf_counter()
     with tqdm(total=len(args.models) * args.epochs, desc="epochs", disable=args.quiet) as bar:

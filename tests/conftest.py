@@ -14,6 +14,12 @@ default for a plain ``pytest``: more examples, random, so local runs explore). A
 ``@settings(max_examples=...)`` wins over both; a property whose examples each compile new XLA
 programs uses ``COMPILED`` (10 examples in ``ci``, 40 in ``dev``).
 
+**float32 means float32**: on GPUs JAX's default float32 matrix product may round its inputs to
+fewer mantissa bits (TF32-like); an H200 gave a 100× larger Gram error than full float32
+(``benchmarks/matmul_precision.py``) and failed 7 float32 tolerances that hold at full float32.
+The tolerances here are float32's own (:mod:`lnb.testing.tolerances`), so the suite runs with
+``JAX_DEFAULT_MATMUL_PRECISION=highest`` unless the environment sets it (a no-op on the CPU).
+
 **float64 only where needed**: JAX runs in float32 (what users run) unless a test is marked
 ``@pytest.mark.x64`` (or its module sets ``pytestmark = pytest.mark.x64``); a marked test runs
 inside ``jax.enable_x64(True)``, set-up and tear-down included, and an unmarked one inside
@@ -55,6 +61,9 @@ JAX_CACHE = os.environ.get(
 if JAX_CACHE:
     os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", JAX_CACHE)
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+
+# Full-precision float32 products on GPUs too (see the module docstring); before JAX is imported.
+os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
 
 try:
     import jax
