@@ -1,6 +1,6 @@
 """How much float32 matrix-product precision costs LNB's metric on this device.
 
-    .venv/bin/python benchmarks/matmul_precision.py            # writes results/matmul_precision.json
+    .venv/bin/python benchmarks/matmul_precision.py   # writes results/matmul_precision.json
 
 On NVIDIA GPUs since Ampere, XLA may compute a float32 matrix product in TF32 (a 10-bit mantissa)
 at JAX's ``default`` precision; on the CPU every precision gives the same float32 product, so
