@@ -20,7 +20,9 @@
 # installs nothing but the wheels in .whl/ (if any, e.g. psgd-jax) into /tmp/site, skips K-FAC
 # (kfac-jax 0.0.8 needs JAX <= 0.9.1), and adds: benchmarks/matmul_precision.py (TF32 on the
 # metric), step_time.py again at JAX_DEFAULT_MATMUL_PRECISION=highest, and the float32 GPU run of
-# the tests that exercise lnb_fast. Each step has a time limit (STEP_TIMEOUT, default 150 s).
+# the tests that exercise lnb_fast. Each step has a time limit (STEP_TIMEOUT, default 150 s; the
+# tests TESTS_TIMEOUT, default 240 s, on TEST_WORKERS processes, default 14). It took 7 minutes on
+# an H200 (benchmarks/gpu_h200.md).
 #
 # Environment: PY (default .venv/bin/python; python3 with --preinstalled), PEERS_VENV (.venv-kfac),
 # RESULTS (results/gpu_check), MODELS (mlp), EPOCHS (5), DATA_PATH (Fashion-MNIST's IDX files;
@@ -93,12 +95,15 @@ elif [[ $MODE == preinstalled ]]; then
     --methods adam,lnb,muon,psgd "${DATA_ARGS[@]}" --out "$OUT/peers.json"
   step step-time-cnn-vit "$PY" benchmarks/step_time.py --quiet --no-time-to-target \
     --models cnn,vit --out "$OUT/step_time_cnn_vit.json"
-  step tests-gpu "$PY" -m pytest -q -p no:cacheprovider -n 8 -rfE tests/test_fast.py \
-    tests/test_step_norm.py tests/test_strategies.py tests/test_conformance.py \
-    tests/test_optax_composition.py tests/test_readme.py tests/test_models.py \
-    tests/test_locoprop_proxprop_fast.py tests/test_fast_crosscheck.py
   JAX_DEFAULT_MATMUL_PRECISION=highest step step-time-highest "$PY" benchmarks/step_time.py \
     --quiet --no-time-to-target --models mlp --out "$OUT/step_time_highest.json"
+  # -v: each result is in the log as it comes, so a run cut by its time limit still says which
+  # tests passed; the suite's conftest sets JAX_DEFAULT_MATMUL_PRECISION=highest (docs/fast.md)
+  STEP_TIMEOUT=${TESTS_TIMEOUT:-240} step tests-gpu "$PY" -m pytest -v -p no:cacheprovider \
+    -n "${TEST_WORKERS:-14}" -rfE tests/test_fast.py tests/test_step_norm.py \
+    tests/test_strategies.py tests/test_conformance.py tests/test_optax_composition.py \
+    tests/test_readme.py tests/test_models.py tests/test_locoprop_proxprop_fast.py \
+    tests/test_fast_crosscheck.py
 elif [[ $MODE == smoke ]]; then
   step test-xp "$PY" -m pytest -q tests/test_xp.py
   step step-time "$PY" benchmarks/step_time.py --quick --quiet --models mlp --no-time-to-target --out "$OUT/step_time.json"

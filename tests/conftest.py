@@ -15,7 +15,7 @@ default for a plain ``pytest``: more examples, random, so local runs explore). A
 programs uses ``COMPILED`` (10 examples in ``ci``, 40 in ``dev``).
 
 **float32 means float32**: on GPUs JAX's default float32 matrix product may round its inputs to
-fewer mantissa bits (TF32-like); an H200 gave a 100× larger Gram error than full float32
+fewer mantissa bits; on an H200 it made a Gram 57× less accurate than full float32
 (``benchmarks/matmul_precision.py``) and failed 7 float32 tolerances that hold at full float32.
 The tolerances here are float32's own (:mod:`lnb.testing.tolerances`), so the suite runs with
 ``JAX_DEFAULT_MATMUL_PRECISION=highest`` unless the environment sets it (a no-op on the CPU).
