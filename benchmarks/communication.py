@@ -14,7 +14,8 @@ generator); the batch is split over a ``data`` axis of ``--devices`` simulated C
 * ``shard_map``: the step inside ``jax.shard_map`` with ``axis_name="data"``: lnb_fast's own
   ``pmean``s (:mod:`lnb_fast.spmd`), and one more row, the covariance strategy with
   ``covariance_sync="refresh"`` (each replica's EMA, averaged on refresh steps only; the state
-  laid out by :func:`lnb_fast.state_specs`).
+  laid out by :func:`lnb_fast.state_specs`), and both covariance rows again with
+  ``split_refresh=True`` (each inverse of a refresh computed on one replica, then shared).
 
 For each compiled step the collectives (``all-reduce``, ``all-gather``, ``reduce-scatter``,
 ``all-to-all``, ``collective-permute``) are read from ``compiled.as_text()`` with their result
@@ -122,6 +123,9 @@ def collectives(hlo: str) -> list[dict]:
         if re.search(r"cholesky|potrf", text, re.IGNORECASE):
             return True
         called = re.findall(r"(?:calls|to_apply|body|condition)=%?([\w.\-]+)", text)
+        for b in _BRANCHES.finditer(text):  # nested conditionals (split_refresh's owner test)
+            names = b.group("many") or b.group("one") or ""
+            called += [n.strip().lstrip("%") for n in names.split(",") if n.strip()]
         return any(holds_cholesky(c, (*seen, name)) for c in called if c not in seen)
 
     for c in found:
@@ -187,6 +191,22 @@ def optimizers(table, refresh_every, axis_name):
             covariance_sync="refresh",
             **kw,
         )
+        # each inverse computed on one replica and shared (split_refresh)
+        for sync in ("step", "refresh"):
+            label = (
+                "covariance (split refresh)"
+                if sync == "step"
+                else ("covariance (sync at refresh + split refresh)")
+            )
+            out[label] = lnb_fast.lnb(
+                0.01,
+                strategy="covariance",
+                neurons=table,
+                refresh_every=refresh_every,
+                covariance_sync=sync,
+                split_refresh=True,
+                **kw,
+            )
     return out
 
 

@@ -352,6 +352,7 @@ def ema_inverse_step(
     ok=None,
     reduce=None,
     shared=None,
+    split=None,
 ):
     """One step of the covariance strategy's bookkeeping (and FOOF's): ``(A, A_inv)``.
 
@@ -364,7 +365,9 @@ def ema_inverse_step(
     so that no extra pass over the matrices is made. Data parallelism (:mod:`lnb_fast.spmd`):
     ``reduce`` averages the replicas' ``[C, μ]`` every step; or ``shared`` averages their
     ``A`` on refresh steps only, each replica keeping the EMA of its own shard (an EMA is
-    linear: the mean of the replicas' EMAs is the EMA of the global batch's moments)."""
+    linear: the mean of the replicas' EMAs is the EMA of the global batch's moments).
+    ``split`` (``split_refresh``): ``split(compute, like)`` runs the refresh's inverse on one
+    replica and shares it (:meth:`lnb_fast.spmd.Reducer.from_owner`)."""
 
     def update():
         # the Gram in the EMA's precision (float32 at least: bf16 features are widened first)
@@ -381,11 +384,13 @@ def ema_inverse_step(
     updates = count // covariance_every + 1
     c2 = 1 - jnp.asarray(b2, A_old.dtype) ** updates
     refresh = count % refresh_every == 0
-    inv = lax.cond(
-        refresh if ok is None else refresh & ok,
-        lambda: damped_inverse(layout, (A if shared is None else shared(A)) / c2, ridge, relative),
-        lambda: inv_old,
-    )
+
+    def refreshed():
+        mean = (A if shared is None else shared(A)) / c2
+        inverse = lambda: damped_inverse(layout, mean, ridge, relative)  # noqa: E731
+        return inverse() if split is None else split(inverse, inv_old)
+
+    inv = lax.cond(refresh if ok is None else refresh & ok, refreshed, lambda: inv_old)
     return A, inv
 
 
@@ -404,6 +409,7 @@ def covariance_direction(
     ok=None,
     reduce=None,
     shared=None,
+    split=None,
 ):
     """One neuron's step of the covariance strategy (and of FOOF): update ``state = (A, A_inv)``
     by :func:`ema_inverse_step` (gated by ``ok``) and return it with the direction
@@ -422,6 +428,7 @@ def covariance_direction(
         ok,
         reduce,
         shared,
+        split,
     )
     direction = apply_inverse(layout, inv, g)
     return (A, inv), tuple(d.astype(x.dtype) for d, x in zip(direction, g, strict=True))

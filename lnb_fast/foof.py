@@ -47,10 +47,12 @@ from .plumbing import (
 from .spmd import (
     axis_tuple,
     check_axes,
+    check_split,
     check_sync,
     covariance_reducers,
     covariance_state,
     shared,
+    split_plan,
     unwrapped,
 )
 from .transform import _wide, same_model
@@ -78,6 +80,7 @@ def foof(
     nonfinite: str | None = "skip",
     axis_name: str | tuple[str, ...] | None = None,
     covariance_sync: str = "step",
+    split_refresh: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """FOOF (module docstring). ``update(grads, state, params, features=features)``.
 
@@ -94,6 +97,8 @@ def foof(
         axis_name: the mesh axis (or axes) the batch is split over inside ``shard_map``/``pmap``:
             the gradients and the second moments are averaged over it, as :func:`lnb_fast.lnb`.
         covariance_sync: ``"step"`` or ``"refresh"``, as :func:`lnb_fast.lnb`'s.
+        split_refresh: each inverse of a refresh computed on one replica and shared, as
+            :func:`lnb_fast.lnb`'s.
 
     Composes with optax's wrappers as :func:`lnb_fast.lnb` does (masked parameters keep their
     values; their neurons hold no matrix).
@@ -111,6 +116,7 @@ def foof(
     nonfinite = nonfinite_option(nonfinite)
     axis_tuple(axis_name)
     check_sync(covariance_sync)
+    check_split(split_refresh)
     schedule, rate_label = schedule_of(learning_rate)
 
     def design_layouts(active):
@@ -168,6 +174,9 @@ def foof(
         lr = rate_at(schedule, rate_label, state.count, _wide(dtype))
         guard.add(RATE, -1, lr)
         ok = guard.inputs_ok()  # gates the covariance matrices where they are computed
+        splits = split_plan(
+            reduce, {j: ly for j, ly in enumerate(step_layouts) if ly is not None}, split_refresh
+        )
 
         directions = list(g_leaves)
         cov = list(state.covariance)
@@ -190,6 +199,7 @@ def foof(
                 neuron.params_of(g_leaves),
                 ok=ok,
                 **covariance_reducers(reduce, covariance_sync),
+                **splits.get(j, {}),
             )
             cov[j] = marked(cov[j])
             neuron.put_params(directions, d)

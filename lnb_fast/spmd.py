@@ -32,6 +32,7 @@ itself is invariant to the gradient's scale).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import jax
@@ -129,6 +130,32 @@ class Reducer:
         """:meth:`mean` of one symmetric matrix (a stack of them), its upper triangle only."""
         return self.mean([Symmetric(matrix)])[0]
 
+    def replica(self):
+        """This replica's index along the axes, 0 … ``size − 1`` (row-major over the axes)."""
+        index = jnp.zeros([], jnp.int32)
+        for a in self.axes:
+            index = index * lax.axis_size(a) + lax.axis_index(a)
+        return index
+
+    def from_owner(self, owner: int, compute, like):
+        """``compute()``, a symmetric matrix (a stack of them) shaped like ``like``, evaluated on
+        replica ``owner`` only and returned on every replica: the others contribute zeros to
+        one all-reduce of the upper triangles (a broadcast; adding zeros is exact). Without
+        axes, ``compute()``. Every replica must call this (it is a collective)."""
+        if not self.axes:
+            return compute()
+
+        def varying(x):  # under check_vma both branches must vary over the axes
+            if not self.typed:
+                return x
+            missing = tuple(a for a in self.axes if a not in varying_axes(x))
+            return make_varying(x, missing) if missing else x
+
+        mine = self.replica() == owner
+        value = lax.cond(mine, lambda: varying(compute()), lambda: varying(jnp.zeros_like(like)))
+        packed = Symmetric(value)
+        return packed.unpack(lax.psum(packed.pack(), self.axes))
+
     def gram(self, values: Sequence) -> list:
         """:meth:`mean` of ``[C, μ]``, a Gram and its mean (:func:`lnb_fast.covariance.gram`),
         ``C`` as :class:`Symmetric`."""
@@ -196,6 +223,38 @@ def check_sync(covariance_sync: str) -> str:
             f"covariance_sync must be one of {COVARIANCE_SYNCS}, got {covariance_sync!r}"
         )
     return covariance_sync
+
+
+def check_split(split_refresh) -> bool:
+    if not isinstance(split_refresh, (bool, np.bool_)):
+        raise TypeError(f"split_refresh must be True or False, got {split_refresh!r}")
+    return bool(split_refresh)
+
+
+def owners(costs: Sequence[float], size: int) -> list[int]:
+    """The replica that computes each of the refresh's inverses (``split_refresh``): the
+    costliest first, each to the replica with the least work so far (longest processing time
+    first; within 4/3 of the best balance). ``costs``: one per inverse (``G·D³``)."""
+    load = [0.0] * size
+    out = [0] * len(costs)
+    for i in sorted(range(len(costs)), key=lambda i: -costs[i]):
+        r = min(range(size), key=load.__getitem__)
+        out[i], load[r] = r, load[r] + costs[i]
+    return out
+
+
+def split_plan(reduce: Reducer, layouts: dict, split_refresh: bool) -> dict:
+    """``{neuron index: {"split": ...}}``: the ``split`` argument of
+    :func:`lnb_fast.covariance.covariance_direction` for each covariance neuron (``layouts``:
+    index ↦ its GramLayout), empty unless ``split_refresh`` under an axis with 2+ replicas."""
+    if not (split_refresh and reduce and reduce.size > 1 and layouts):
+        return {}
+    keys = list(layouts)
+    costs = [layouts[k].groups * float(layouts[k].aug) ** 3 for k in keys]
+    return {
+        k: {"split": functools.partial(reduce.from_owner, r)}
+        for k, r in zip(keys, owners(costs, reduce.size), strict=True)
+    }
 
 
 def covariance_reducers(reduce: Reducer, covariance_sync: str) -> dict:

@@ -80,10 +80,12 @@ from .spmd import (
     Symmetric,
     axis_tuple,
     check_axes,
+    check_split,
     check_sync,
     covariance_reducers,
     covariance_state,
     shared,
+    split_plan,
     unwrapped,
 )
 from .strategy import check_strategy, plan, plan_active
@@ -151,6 +153,7 @@ def lnb(
     min_descent: float = 0.5,
     axis_name: str | tuple[str, ...] | None = None,
     covariance_sync: str = "step",
+    split_refresh: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """Online Linear Neuron Boosting (Algorithm 2) as an optax transformation.
 
@@ -239,6 +242,12 @@ def lnb(
             only on refresh steps: an EMA is linear, so the step is the same, and
             1/``refresh_every`` of the bytes; the state's ``A`` is then per replica, see
             :func:`lnb_fast.spmd.state_specs`).
+        split_refresh: with ``axis_name``, the covariance strategy's refresh computes each
+            neuron's inverse on one replica only (the costliest first, each to the least loaded
+            replica) and shares it in one all-reduce of its upper triangle: the refresh's work
+            is divided among the replicas (by up to the number of covariance neurons), for
+            the bytes of the inverses on refresh steps (docs/scaling.md). The step is the same.
+            False (default): every replica inverts every metric, with no communication.
 
     Python numbers are validated here (arrays, which ``inject_hyperparams`` passes, go through):
     a negative, NaN or infinite ``learning_rate``, ``weight_decay``, ``ridge`` or ``z0`` is a
@@ -260,6 +269,7 @@ def lnb(
     check_strategy(strategy)
     axis_tuple(axis_name)  # a clear TypeError now rather than in update
     check_sync(covariance_sync)
+    check_split(split_refresh)
     if neurons is not None and not isinstance(neurons, NeuronTable):
         raise TypeError(
             "neurons must be a lnb_fast.NeuronTable (lnb_fast.value_and_grad(loss).table(params, "
@@ -367,6 +377,15 @@ def lnb(
         active = active_neurons(table, g.present)
         step_choices = plan_active(table, active, strategy, **options, replicas=reduce.size)
         compact = _compact_layouts(active, step_choices) if neurons is not None else {}
+        splits = split_plan(
+            reduce,
+            {
+                j: step_choices[j].layout
+                for j, neuron in enumerate(active)
+                if neuron is not None and step_choices[j].name == "covariance"
+            },
+            split_refresh,
+        )
         guard = Guard(nonfinite, "lnb", rate_label, table)
         for i in present:
             guard.add(GRADIENT, i, g.leaves[i])
@@ -441,6 +460,7 @@ def lnb(
                     relative_ridge,
                     ok,
                     **covariance_reducers(reduce, covariance_sync),
+                    **splits.get(j, {}),
                 )
                 covariance[j] = marked(covariance[j])
                 neuron.put_params(directions, d)

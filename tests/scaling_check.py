@@ -91,6 +91,19 @@ def transformations(table, axis_name=None):
     out["foof/refresh"] = lnb_fast.foof(
         0.1, neurons=table, refresh_every=1, covariance_sync="refresh", **kw
     )
+    # each inverse of a refresh computed on one replica and shared (split_refresh; a no-op on
+    # one device, so the single-device runs are the plain ones)
+    out["lnb-covariance/split"] = lnb_fast.lnb(
+        0.05, strategy="covariance", neurons=table, refresh_every=2, split_refresh=True, **kw
+    )
+    out["foof/refresh+split"] = lnb_fast.foof(
+        0.1,
+        neurons=table,
+        refresh_every=1,
+        covariance_sync="refresh",
+        split_refresh=True,
+        **kw,
+    )
     out["locoprop_s"] = lnb_fast.locoprop_s(1.0, **kw)
     out["locoprop_m"] = lnb_fast.locoprop_m(1.0, **kw)
     out["proxprop"] = lnb_fast.proxprop(1.0, **kw)
@@ -212,7 +225,57 @@ def main() -> dict:
     results["state_specs"] = state_across_steps(sharded, vgf, params, mesh, xs, ys, single)
     results["docs"] = docs_examples()
     results["errors"] = error_cases(params, x, y, vgf, mesh, xs, ys, single["lnb-auto"])
+    results["split_work"] = split_work(vgf, local_table, params, mesh, xs, ys)
     return results
+
+
+def split_work(vgf, table, params, mesh, xs, ys) -> dict:
+    """Which replica inverts which metric in one refresh step, with and without
+    ``split_refresh``: ``{"split": [[replica, D], ...], "whole": [...], "owners": ...}``. Each
+    inversion (``lnb_fast.covariance.damped_inverse``, looked up at trace time) reports its
+    replica through a ``jax.debug.callback``, which runs only where the branch holding it runs."""
+    import lnb_fast.covariance as covariance
+    from lnb_fast.spmd import owners
+
+    original = covariance.damped_inverse
+    calls: list = []
+
+    def recorded(layout, A, ridge, relative=False):
+        jax.debug.callback(
+            lambda r, d=layout.aug: calls.append([int(r), d]), jax.lax.axis_index("data")
+        )
+        return original(layout, A, ridge, relative)
+
+    out = {}
+    covariance.damped_inverse = recorded
+    try:
+        for key, split in (("split", True), ("whole", False)):
+            calls.clear()
+            opt = lnb_fast.lnb(
+                0.05,
+                strategy="covariance",
+                neurons=table,
+                refresh_every=1,
+                split_refresh=split,
+                axis_name="data",
+            )
+            step = jax.jit(
+                jax.shard_map(
+                    make_step(opt, vgf),
+                    mesh=mesh,
+                    in_specs=(P(), P(), P("data"), P("data")),
+                    out_specs=(P(), P()),
+                )
+            )
+            jax.block_until_ready(step(params, opt.init(params), xs, ys))
+            jax.effects_barrier()
+            out[key] = sorted(calls)
+    finally:
+        covariance.damped_inverse = original
+    dims = [layout.aug for layout in (covariance.gram_layout(n) for n in table.neurons)]
+    out["dims"] = dims
+    out["owners"] = owners([float(d) ** 3 for d in dims], DEVICES)
+    return out
 
 
 def docs_examples() -> dict:

@@ -51,8 +51,10 @@ NAMES = [
     "lnb-gram",
     "lnb-covariance",
     "lnb-covariance/refresh",
+    "lnb-covariance/split",
     "foof",
     "foof/refresh",
+    "foof/refresh+split",
     "locoprop_s",
     "locoprop_m",
     "proxprop",
@@ -78,6 +80,19 @@ def test_every_recipe_was_checked(eight_devices):
 def test_a_per_replica_state_crosses_steps(eight_devices):
     """``covariance_sync="refresh"``: each replica's EMA in the state, by ``state_specs``."""
     assert eight_devices["state_specs"] <= TOL
+
+
+def test_split_refresh_inverts_each_metric_once(eight_devices):
+    """``split_refresh=True``: in a refresh step each neuron's metric is inverted on exactly one
+    replica, the one :func:`lnb_fast.spmd.owners` assigns (costliest first to the least loaded:
+    with fewer neurons than replicas, each on its own); without it, on every replica. The
+    steps themselves equal one device's (``lnb-covariance/split``, ``foof/refresh+split``
+    above)."""
+    work = eight_devices["split_work"]
+    dims, owners = work["dims"], work["owners"]
+    assert len(dims) == 3 and len(set(owners)) == 3  # 3 neurons, 3 different replicas
+    assert work["split"] == sorted([r, d] for r, d in zip(owners, dims, strict=True))
+    assert work["whole"] == sorted([r, d] for r in range(8) for d in dims)
 
 
 def test_the_docs_examples_run(eight_devices):
