@@ -71,6 +71,21 @@ except ImportError:  # pragma: no cover - lnb_fast tests are skipped without jax
     jax = None
 
 
+def benchmark_module(name: str):
+    """``benchmarks/<name>.py`` imported as the module ``name`` (registered in ``sys.modules``:
+    the scripts' dataclasses look their module up), for the tests that run a script's
+    ``main`` in-process."""
+    import importlib.util
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, script)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
 def pytest_report_header(config):
     x64 = "x64 only where marked" if jax is not None else "no jax"
     return f"lnb: hypothesis profile {PROFILE!r} (LNB_HYPOTHESIS_PROFILE), JAX {x64}"

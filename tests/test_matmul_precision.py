@@ -5,26 +5,18 @@ fewer bits at the default). No timing is asserted."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import benchmark_module
 
 jax = pytest.importorskip("jax")
 jnp = pytest.importorskip("jax.numpy")
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "matmul_precision.py"
-
 
 def load():
-    spec = importlib.util.spec_from_file_location("matmul_precision", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["matmul_precision"] = module
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_module("matmul_precision")
 
 
 def test_errors_are_against_float64_and_highest_is_float32_accurate(tmp_path):

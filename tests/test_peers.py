@@ -6,25 +6,17 @@ record's: one shared initial point, targets read off the curves, ratios to the b
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
+from conftest import benchmark_module
 
 pytest.importorskip("jax")
 pytest.importorskip("matplotlib")
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "peers.py"
-
 
 def load():
-    spec = importlib.util.spec_from_file_location("peers", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["peers"] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_module("peers")
 
 
 def test_quick_run_writes_the_comparison(tmp_path):

@@ -4,12 +4,10 @@ the absolute one breaks; the whole quick study (every part) is marked slow."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
+from conftest import benchmark_module
 
 from lnb.testing.tolerances import STEP_RTOL
 
@@ -17,15 +15,9 @@ pytestmark = pytest.mark.x64  # the invariance gaps are measured in float64
 
 pytest.importorskip("jax")
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "ridge_default.py"
-
 
 def load():
-    spec = importlib.util.spec_from_file_location("ridge_default", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["ridge_default"] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_module("ridge_default")
 
 
 def test_quick_invariance_separates_relative_from_absolute(tmp_path):

@@ -4,24 +4,16 @@ shared); only the shape of the record."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
+from conftest import benchmark_module
 
 pytest.importorskip("jax")
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "step_time.py"
-
 
 def load():
-    spec = importlib.util.spec_from_file_location("step_time", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["step_time"] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_module("step_time")
 
 
 def test_quick_run_writes_every_strategy(tmp_path):
