@@ -15,12 +15,8 @@ jax = pytest.importorskip("jax")
 jnp = pytest.importorskip("jax.numpy")
 
 
-def load():
-    return benchmark_module("matmul_precision")
-
-
 def test_errors_are_against_float64_and_highest_is_float32_accurate(tmp_path):
-    bench = load()
+    bench = benchmark_module("matmul_precision")
     out = tmp_path / "precision.json"
     argv = ["--batch", "128", "--width", "48", "--repeats", "1", "--out", str(out)]
     assert bench.main(argv) == 0
