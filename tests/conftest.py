@@ -65,6 +65,20 @@ if JAX_CACHE:
 # Full-precision float32 products on GPUs too (see the module docstring); before JAX is imported.
 os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
 
+# XLA's backend (LLVM) optimisation off: the suite runs each program a few times on tiny arrays,
+# so compiling is its time, and level 0 compiles about a third faster (tests/test_conformance.py
+# measured half). The HLO passes (fusion, layout, buffer assignment: what the memory analyses
+# read) still run, so the programs compute the same operations, in float32 or float64 as asked;
+# every comparison is against a tolerance or between programs compiled alike. Through the
+# environment, so the processes the tests start (the CLI, the scaling checks) compile alike; the
+# notebook kernels, which time steps, get the default back (tests/test_notebooks.py).
+# LNB_XLA_FAST_COMPILE=0 keeps XLA's default.
+FAST_COMPILE_FLAG = "--xla_backend_optimization_level=0"
+if os.environ.get("LNB_XLA_FAST_COMPILE", "1") != "0":
+    _flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_backend_optimization_level" not in _flags:
+        os.environ["XLA_FLAGS"] = f"{_flags} {FAST_COMPILE_FLAG}".strip()
+
 try:
     import jax
 except ImportError:  # pragma: no cover - lnb_fast tests are skipped without jax
@@ -84,6 +98,29 @@ def pytest_runtest_protocol(item, nextitem):
     x64 = item.get_closest_marker("x64") is not None
     with jax.enable_x64(x64):
         return (yield)
+
+
+#: The longest tests (``--durations``, cold), started first: xdist hands out work in collection
+#: order, so a long test collected last leaves one worker running it alone at the end (a long
+#: tail). Longest first balances the two workers; only the order changes. Prefixes of node ids.
+LONGEST_FIRST = (
+    "tests/test_notebooks.py::test_notebook_executes[05_reproducing_the_paper]",
+    "tests/test_scaling.py",
+    "tests/test_step_time.py",
+    "tests/test_experiments.py",
+    "tests/test_conformance.py",
+    "tests/test_invariance.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item):
+        for i, prefix in enumerate(LONGEST_FIRST):
+            if item.nodeid.startswith(prefix):
+                return i
+        return len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: the order within each rank is kept
 
 
 def naive_conv2d(X, filters, bias, stride, padding, dilation, groups):
