@@ -14,6 +14,8 @@ import pytest
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 
+from conftest import FAST_COMPILE_FLAG  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = ROOT / "notebooks"
 RENDERED = ROOT / "docs" / "notebooks"
@@ -34,7 +36,7 @@ TIMED = {"05_reproducing_the_paper"}
 def kernel_env(name: str) -> dict:
     env = dict(os.environ)
     if name in TIMED:
-        flags = env.get("XLA_FLAGS", "").replace("--xla_backend_optimization_level=0", "")
+        flags = env.get("XLA_FLAGS", "").replace(FAST_COMPILE_FLAG, "")
         env["XLA_FLAGS"] = flags.strip()
     return env
 
