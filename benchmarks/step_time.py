@@ -62,6 +62,7 @@ No timing is asserted anywhere.
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import os
 import sys
@@ -164,8 +165,7 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
 
-def mlp_params(rng: np.random.Generator) -> Params:
-    sizes = (784, 800, 800, 10)
+def mlp_params(rng: np.random.Generator, sizes=(784, 800, 800, 10)) -> Params:
     params = {}
     for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
         params[f"w{i}"] = glorot_normal(rng, (n_in, n_out), n_in, n_out)
@@ -231,9 +231,15 @@ MODELS = {
     "vit": Model("vit", VIT.init, lnb_models.loss_fn(VIT), (28, 28, 1), 128),
 }
 
-#: ``--quick`` swaps in a one-block ViT (its compilation dominates a smoke test).
+#: ``--quick`` swaps in a one-block ViT (its compilation dominates a smoke test) and a 784-32-32-10
+#: MLP (the 800-wide one's 785×785 Cholesky refreshes are most of a smoke test's run time).
 QUICK_VIT = lnb_models.vit((28, 28, 1), 10, patch=7, dim=32, depth=1, heads=2, mlp_dim=32)
-QUICK_MODELS = {"vit": Model("vit", QUICK_VIT.init, lnb_models.loss_fn(QUICK_VIT), (28, 28, 1), 8)}
+QUICK_MODELS = {
+    "vit": Model("vit", QUICK_VIT.init, lnb_models.loss_fn(QUICK_VIT), (28, 28, 1), 8),
+    "mlp": Model(
+        "mlp", functools.partial(mlp_params, sizes=(784, 32, 32, 10)), mlp_loss, (784,), 8
+    ),
+}
 
 
 def make_step(loss: Callable, opt: optax.GradientTransformation, uses_features: bool):

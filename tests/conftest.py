@@ -65,6 +65,21 @@ if JAX_CACHE:
 # Full-precision float32 products on GPUs too (see the module docstring); before JAX is imported.
 os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
 
+# XLA's backend (LLVM) optimisation off: the suite runs each program a few times on tiny arrays,
+# so compiling is its time, and level 0 compiles about a third faster (measured, CPU time:
+# tests/test_optax_composition.py 185 -> 119 s, tests/scaling_check.py 87 -> 56 s; the 1e-9 and
+# float32 tolerances all hold). It changes how well the machine code is optimised, not what it
+# computes or in which dtype; every comparison is against a tolerance or between programs
+# compiled alike (tests/test_conformance.py's steps were already compiled at level 0).
+# Through the environment, so the processes the tests start (the CLI, the scaling checks) compile
+# alike; a notebook kernel that times steps gets the default back (tests/test_notebooks.py).
+# LNB_XLA_FAST_COMPILE=0 keeps XLA's default.
+FAST_COMPILE_FLAG = "--xla_backend_optimization_level=0"
+if os.environ.get("LNB_XLA_FAST_COMPILE", "1") != "0":
+    _flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_backend_optimization_level" not in _flags:
+        os.environ["XLA_FLAGS"] = f"{_flags} {FAST_COMPILE_FLAG}".strip()
+
 try:
     import jax
 except ImportError:  # pragma: no cover - lnb_fast tests are skipped without jax
@@ -99,6 +114,54 @@ def pytest_runtest_protocol(item, nextitem):
     x64 = item.get_closest_marker("x64") is not None
     with jax.enable_x64(x64):
         return (yield)
+
+
+#: The longest tests (``--durations``, cold), started first: xdist hands out work in collection
+#: order, so a long test collected last leaves one worker running it alone at the end (a long
+#: tail). Longest first balances the two workers; only the order changes. Prefixes of node ids.
+LONGEST_FIRST = (
+    "tests/test_notebooks.py::test_notebook_executes[05_reproducing_the_paper]",
+    "tests/test_scaling.py",
+    "tests/test_step_time.py",
+    "tests/test_experiments.py",
+    "tests/test_conformance.py",
+    "tests/test_invariance.py",
+)
+
+
+@pytest.hookimpl(trylast=True)  # after pytest-xdist's own hook
+def pytest_collection_modifyitems(config, items):
+    def rank(item):
+        for i, prefix in enumerate(LONGEST_FIRST):
+            if item.nodeid.startswith(prefix):
+                return i
+        return len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: the order within each rank is kept
+    if getattr(config.option, "loadgroup", False):  # an xdist worker under --dist loadgroup
+        for item in items:
+            _join_xdist_group(item)
+
+
+def _join_xdist_group(item) -> None:
+    """``@pytest.mark.xdist_group(name)`` under pytest 9.2 (the version here): ``--dist loadgroup``
+    sends the tests whose node id ends in ``@name`` to one worker, and pytest-xdist (3.8) adds
+    that suffix by assigning ``item._nodeid``, which pytest 9.2 replaced by a structured
+    ``item._id``: there the marks were silently ignored (each worker set up its own copy of a
+    module's fixtures and compiled the shared programs again). Adds the suffix where xdist's did
+    not take (older pytest: xdist's own suffix is there, nothing to do)."""
+    names = {
+        m.args[0] if m.args else m.kwargs.get("name", "default")
+        for m in item.iter_markers("xdist_group")
+    }
+    if not names or item.nodeid.rfind("@") > item.nodeid.rfind("]"):  # none, or xdist's took
+        return
+    nodeid = f"{item.nodeid}@{'_'.join(sorted(map(str, names)))}"
+    try:
+        from _pytest.nodeid import NodeId  # pytest 9.2
+    except ImportError:  # older pytest: xdist's own suffix took (item._nodeid)
+        return
+    item._id = NodeId.parse(nodeid)
 
 
 def naive_conv2d(X, filters, bias, stride, padding, dilation, groups):

@@ -39,6 +39,8 @@ def readme_namespace():
     return namespace
 
 
+# one xdist worker for the three: they share the module-scoped readme_namespace (a trained model)
+@pytest.mark.xdist_group("readme")
 @pytest.mark.parametrize("epsilon", [0.01, 0.05, 0.2])
 def test_readme_model_at_constant_epsilon_never_spikes(readme_namespace, epsilon):
     """The README's model, 1000 steps at a *constant* ε (no decay to hide behind), default

@@ -19,6 +19,11 @@ import pytest
 
 pytest.importorskip("jax")
 
+#: the tests reading the 8-device subprocess's results: one xdist worker (make test's --dist
+#: loadgroup), so the module-scoped fixture runs that subprocess once, not once per worker; the
+#: 2-process test and the HLO test stay free to run on the other worker meanwhile
+EIGHT = pytest.mark.xdist_group("scaling-8-devices")
+
 ROOT = Path(__file__).resolve().parents[1]
 TOL = 1e-9  # float64; see tests/scaling_check.py (a missing reduction moves the step by O(1))
 
@@ -61,6 +66,7 @@ NAMES = [
 ]
 
 
+@EIGHT
 @pytest.mark.parametrize("name", NAMES)
 def test_shard_map_takes_the_global_batch_step(eight_devices, name):
     row = eight_devices[name]
@@ -72,16 +78,19 @@ def test_shard_map_takes_the_global_batch_step(eight_devices, name):
         assert row["unchecked_spread"] == 0.0, row
 
 
+@EIGHT
 def test_every_recipe_was_checked(eight_devices):
     recipes = {k for name in NAMES for k in eight_devices[name]}
     assert {"shard_map", "jit", "unchecked", "unchecked_spread", "pre_averaged"} <= recipes
 
 
+@EIGHT
 def test_a_per_replica_state_crosses_steps(eight_devices):
     """``covariance_sync="refresh"``: each replica's EMA in the state, by ``state_specs``."""
     assert eight_devices["state_specs"] <= TOL
 
 
+@EIGHT
 def test_split_refresh_inverts_each_metric_once(eight_devices):
     """``split_refresh=True``: in a refresh step each neuron's metric is inverted on exactly one
     replica, the one :func:`lnb_fast.spmd.owners` assigns (costliest first to the least loaded:
@@ -95,6 +104,7 @@ def test_split_refresh_inverts_each_metric_once(eight_devices):
     assert work["whole"] == sorted([r, d] for r in range(8) for d in dims)
 
 
+@EIGHT
 def test_the_docs_examples_run(eight_devices):
     """docs/scaling.md's recipes run as printed (each asserts its step equals one device's)."""
     docs = eight_devices["docs"]
@@ -102,12 +112,14 @@ def test_the_docs_examples_run(eight_devices):
     assert all(v == "ok" for v in docs.values()), docs
 
 
+@EIGHT
 def test_pmap_with_axis_name_is_the_global_batch_step(eight_devices):
     errors = eight_devices["errors"]
     assert errors["pmap with axis_name: spread"] == 0.0
     assert errors["pmap with axis_name: rel"] <= TOL
 
 
+@EIGHT
 @pytest.mark.parametrize(
     "case, words",
     [
