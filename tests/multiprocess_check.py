@@ -35,9 +35,8 @@ def main(port: int, process_id: int, num_processes: int) -> dict:
     from jax.sharding import PartitionSpec as P
 
     import lnb_fast
-    from tests.scaling_check import BATCH, loss_fn, make_runs, problem, rel, transformations
+    from tests.scaling_check import BATCH, JIT, loss_fn, make_runs, problem, rel, transformations
 
-    names = ("lnb-auto", "lnb-covariance")
     params, x, y = problem()
     vgf = lnb_fast.value_and_grad(loss_fn)
     local = BATCH // num_processes
@@ -46,7 +45,9 @@ def main(port: int, process_id: int, num_processes: int) -> dict:
     # the single-process reference, on this process's own device (no collective)
     here = jax.local_devices()[0]
     table = vgf.table(params, x, y)
-    singles = {k: v for k, v in transformations(table).items() if k in names}
+    # every transformation under shard_map, and those without an axis-only option under jit
+    singles = transformations(table)
+    names = tuple(singles)
     single = jax.jit(make_runs(singles, vgf))(*jax.device_put((params, x, y), here))
 
     mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(AxisType.Auto,))
@@ -57,7 +58,7 @@ def main(port: int, process_id: int, num_processes: int) -> dict:
 
     # (b) shard_map over the processes' devices, axis_name="data"
     local_table = vgf.table(params, x[rows], y[rows])
-    sharded = {k: v for k, v in transformations(local_table, "data").items() if k in names}
+    sharded = transformations(local_table, "data")
     got = jax.jit(
         jax.shard_map(
             make_runs(sharded, vgf), mesh=mesh, in_specs=(P(), P("data"), P("data")), out_specs=P()
@@ -68,8 +69,8 @@ def main(port: int, process_id: int, num_processes: int) -> dict:
         out[f"{name} shard_map"] = rel(mine, single[name])
 
     # (a) jit with the batch sharded across the processes
-    got = jax.jit(make_runs(singles, vgf))(replicated, xs, ys)
-    for name in names:
+    got = jax.jit(make_runs({k: singles[k] for k in JIT}, vgf))(replicated, xs, ys)
+    for name in JIT:
         mine = jax.tree.map(lambda a: np.asarray(a.addressable_data(0)), got[name])
         out[f"{name} jit"] = rel(mine, single[name])
     out["devices"] = jax.device_count()

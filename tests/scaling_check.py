@@ -20,9 +20,21 @@ import sys
 
 DEVICES = 8
 STEPS = 2  # the covariance strategies refresh at step 1 and use a stale inverse at step 2
-#: the recipes each transformation runs under, besides shard_map (every one): compiling for
-#: 8 devices dominates the time, so each other recipe is checked on a few transformations
-JIT = ("lnb-auto", "lnb-covariance", "locoprop_m")
+#: the recipes each transformation runs under, besides shard_map (every one): jit + NamedSharding
+#: runs every transformation that has no axis-only option (the "/refresh", "/split" variants
+#: need axis_name); compiling for 8 devices dominates the time, so the two other recipes are
+#: checked on a few transformations
+JIT = (
+    "lnb-auto",
+    "lnb-matrix-free",
+    "lnb-gram",
+    "lnb-covariance",
+    "scale_by_lnb",
+    "foof",
+    "locoprop_s",
+    "locoprop_m",
+    "proxprop",
+)
 UNCHECKED = ("lnb-matrix-free", "foof")
 PRE_AVERAGED = ("lnb-gram", "proxprop")
 
@@ -103,6 +115,11 @@ def transformations(table, axis_name=None):
         covariance_sync="refresh",
         split_refresh=True,
         **kw,
+    )
+    # the optax-shaped pieces: scale_by_lnb's unit-length direction, scaled to ε = 0.05 here
+    out["scale_by_lnb"] = optax.chain(
+        lnb_fast.scale_by_lnb(neurons=table, refresh_every=2, cg_iterations=3, **kw),
+        optax.scale(-(0.05**0.5)),
     )
     out["locoprop_s"] = lnb_fast.locoprop_s(1.0, **kw)
     out["locoprop_m"] = lnb_fast.locoprop_m(1.0, **kw)

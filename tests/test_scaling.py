@@ -57,6 +57,7 @@ NAMES = [
     "lnb-covariance",
     "lnb-covariance/refresh",
     "lnb-covariance/split",
+    "scale_by_lnb",
     "foof",
     "foof/refresh",
     "foof/refresh+split",
