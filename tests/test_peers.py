@@ -15,12 +15,8 @@ pytest.importorskip("jax")
 pytest.importorskip("matplotlib")
 
 
-def load():
-    return benchmark_module("peers")
-
-
 def test_quick_run_writes_the_comparison(tmp_path):
-    bench = load()
+    bench = benchmark_module("peers")
     out = tmp_path / "peers.json"
     argv = ["--quick", "--quiet", "--methods", "adam,lnb,kfac", "--adam-lrs", "1e-3,3e-4"]
     assert bench.main([*argv, "--out", str(out)]) == 0

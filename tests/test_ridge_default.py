@@ -16,12 +16,8 @@ pytestmark = pytest.mark.x64  # the invariance gaps are measured in float64
 pytest.importorskip("jax")
 
 
-def load():
-    return benchmark_module("ridge_default")
-
-
 def test_quick_invariance_separates_relative_from_absolute(tmp_path):
-    bench = load()
+    bench = benchmark_module("ridge_default")
     out = tmp_path / "ridge.json"
     assert bench.main(["--quick", "--quiet", "--parts", "invariance", "--out", str(out)]) == 0
     record = json.loads(out.read_text())
@@ -43,7 +39,7 @@ def test_quick_invariance_separates_relative_from_absolute(tmp_path):
 
 @pytest.mark.slow
 def test_quick_study_runs_every_part(tmp_path):
-    bench = load()
+    bench = benchmark_module("ridge_default")
     out = tmp_path / "ridge.json"
     assert bench.main(["--quick", "--quiet", "--out", str(out)]) == 0
     record = json.loads(out.read_text())

@@ -12,12 +12,8 @@ from conftest import benchmark_module
 pytest.importorskip("jax")
 
 
-def load():
-    return benchmark_module("step_time")
-
-
 def test_quick_run_writes_every_strategy(tmp_path):
-    bench = load()
+    bench = benchmark_module("step_time")
     out = tmp_path / "step_time.json"
     argv = ["--quick", "--quiet", "--models", "mlp", "--max-epochs", "1", "--out", str(out)]
     assert bench.main(argv) == 0
@@ -60,7 +56,7 @@ def test_memory_breakdown_orders_the_state_layouts():
     """The memory table of docs/fast.md: each layout change removes state, so XLA's peak of the
     donated step falls strictly from the paper's layout (gradient EMA, broadcast moments) to
     b1 = 0 to compact moments; the covariance step keeps no PCG temporaries."""
-    bench = load()
+    bench = benchmark_module("step_time")
     rows = {r["step"]: r for r in bench.memory_breakdown(bench.MODELS["mlp"], 8)}
     peak = [
         rows[name]["peak_mib"]
