@@ -35,7 +35,16 @@ def main(port: int, process_id: int, num_processes: int) -> dict:
     from jax.sharding import PartitionSpec as P
 
     import lnb_fast
-    from tests.scaling_check import BATCH, JIT, loss_fn, make_runs, problem, rel, transformations
+    from tests.scaling_check import (
+        BATCH,
+        JIT,
+        loss_fn,
+        make_runs,
+        on_batch_axis,
+        problem,
+        rel,
+        transformations,
+    )
 
     params, x, y = problem()
     vgf = lnb_fast.value_and_grad(loss_fn)
@@ -59,11 +68,7 @@ def main(port: int, process_id: int, num_processes: int) -> dict:
     # (b) shard_map over the processes' devices, axis_name="data"
     local_table = vgf.table(params, x[rows], y[rows])
     sharded = transformations(local_table, "data")
-    got = jax.jit(
-        jax.shard_map(
-            make_runs(sharded, vgf), mesh=mesh, in_specs=(P(), P("data"), P("data")), out_specs=P()
-        )
-    )(replicated, xs, ys)
+    got = on_batch_axis(make_runs(sharded, vgf), mesh)(replicated, xs, ys)
     for name in names:
         mine = jax.tree.map(lambda a: np.asarray(a.addressable_data(0)), got[name])
         out[f"{name} shard_map"] = rel(mine, single[name])

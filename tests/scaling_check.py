@@ -160,6 +160,20 @@ def make_runs(opts: dict, vgf, stacked: bool = False, pre_average=None):
     return runs
 
 
+def on_batch_axis(runs, mesh, out_specs=None, check_vma=True):
+    """``runs(params, x, y)`` jitted inside ``shard_map``: parameters replicated, the batch
+    split over ``"data"``; ``out_specs`` default ``P()`` (replicated outputs)."""
+    return jax.jit(
+        jax.shard_map(
+            runs,
+            mesh=mesh,
+            in_specs=(P(), P("data"), P("data")),
+            out_specs=P() if out_specs is None else out_specs,
+            check_vma=check_vma,
+        )
+    )
+
+
 def rel(a, b) -> float:
     leaves = zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
     return max(
@@ -192,14 +206,7 @@ def main() -> dict:
 
     # (b) shard_map over "data" (default check_vma=True), axis_name="data"; out_specs=P()
     # asserts (by type) that parameters come out the same on every replica
-    got = jax.jit(
-        jax.shard_map(
-            make_runs(sharded, vgf),
-            mesh=mesh,
-            in_specs=(P(), P("data"), P("data")),
-            out_specs=P(),
-        )
-    )(params, xs, ys)
+    got = on_batch_axis(make_runs(sharded, vgf), mesh)(params, xs, ys)
     for name in singles:
         results[name]["shard_map"] = rel(got[name], single[name])
 
@@ -214,14 +221,11 @@ def main() -> dict:
         results[name]["jit"] = rel(got[name], single[name])
 
     # (b') check_vma=False: every replica's parameters returned, equal and equal to single
-    got = jax.jit(
-        jax.shard_map(
-            make_runs({k: sharded[k] for k in UNCHECKED}, vgf, stacked=True),
-            mesh=mesh,
-            in_specs=(P(), P("data"), P("data")),
-            out_specs=P("data"),
-            check_vma=False,
-        )
+    got = on_batch_axis(
+        make_runs({k: sharded[k] for k in UNCHECKED}, vgf, stacked=True),
+        mesh,
+        out_specs=P("data"),
+        check_vma=False,
     )(params, xs, ys)
     for name in UNCHECKED:
         results[name]["unchecked_spread"] = spread(got[name])
@@ -229,13 +233,8 @@ def main() -> dict:
         results[name]["unchecked"] = rel(first, single[name])
 
     # gradients the caller already averaged (pmean) are used as they are
-    got = jax.jit(
-        jax.shard_map(
-            make_runs({k: sharded[k] for k in PRE_AVERAGED}, vgf, pre_average="data"),
-            mesh=mesh,
-            in_specs=(P(), P("data"), P("data")),
-            out_specs=P(),
-        )
+    got = on_batch_axis(
+        make_runs({k: sharded[k] for k in PRE_AVERAGED}, vgf, pre_average="data"), mesh
     )(params, xs, ys)
     for name in PRE_AVERAGED:
         results[name]["pre_averaged"] = rel(got[name], single[name])
