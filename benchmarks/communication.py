@@ -6,11 +6,16 @@ LNB strategy next to ``optax.adam``, on simulated CPU devices.
 
 The model is the paper's MLP (784-800-800-10, tanh, float32, random data from a seeded NumPy
 generator); the batch is split over a ``data`` axis of ``--devices`` simulated CPU devices
-(``XLA_FLAGS=--xla_force_host_platform_device_count``, set here before JAX starts). Two recipes
+(``XLA_FLAGS=--xla_force_host_platform_device_count``, set here before JAX starts). Three recipes
 (docs/scaling.md):
 
 * ``jit``: the single-device step under ``jax.jit``, batch ``NamedSharding``-ed over ``data``,
   parameters and state replicated: XLA inserts the collectives;
+* ``tensor`` (not run by default): ``jit`` on a ``(devices/2, 2)`` mesh ``("data", "model")``,
+  the batch split over ``data``, the first hidden layer column-parallel (its weight and bias
+  split over ``model`` by output), the second row-parallel (its weight split over ``model`` by
+  input), the head replicated: tensor parallelism as Megatron lays out an MLP. Its table
+  splits the bytes by kind of collective (a whole weight all-gathered shows as all-gather);
 * ``shard_map``: the step inside ``jax.shard_map`` with ``axis_name="data"``: lnb_fast's own
   ``pmean``s (:mod:`lnb_fast.spmd`), and one more row, the covariance strategy with
   ``covariance_sync="refresh"`` (each replica's EMA, averaged on refresh steps only; the state
@@ -46,7 +51,11 @@ def parse_args(argv=None):
     ap.add_argument("--sizes", default="784,800,800,10")
     ap.add_argument("--refresh-every", type=int, default=10)
     ap.add_argument("--steps", type=int, default=10, help="timed steps per strategy")
-    ap.add_argument("--recipes", default="jit,shard_map")
+    ap.add_argument(
+        "--recipes",
+        default="jit,shard_map",
+        help="comma-separated: jit, shard_map, tensor (jit on a data x model mesh)",
+    )
     ap.add_argument("--only", default=None, help="comma-separated optimizer names (adam always)")
     ap.add_argument("--quick", action="store_true", help="tiny sizes, 2 steps (smoke test)")
     args = ap.parse_args(argv)
@@ -137,13 +146,20 @@ def collectives(hlo: str) -> list[dict]:
 
 
 def summary(hlo: str, refresh_every: int) -> dict:
-    """Bytes and counts per step: ``every`` (collectives run on every step), ``refresh``
+    """Bytes and counts per step: ``by_kind`` (amortised bytes per kind of collective),
+    ``every`` (collectives run on every step), ``refresh``
     (in the refresh branch), ``amortised`` (every + refresh / refresh_every), ``other`` (other
     branches), ``count`` (collectives run on every step)."""
     cs = collectives(hlo)
     every = sum(c["bytes"] for c in cs if c["branch"] is None)
     refresh = sum(c["bytes"] for c in cs if c["branch"] == "refresh")
+    by_kind = {
+        k: sum(c["bytes"] for c in cs if c["kind"] == k and c["branch"] is None)
+        + sum(c["bytes"] for c in cs if c["kind"] == k and c["branch"] == "refresh") / refresh_every
+        for k in KINDS
+    }
     return {
+        "by_kind": by_kind,
         "every": every,
         "refresh": refresh,
         "amortised": every + refresh / refresh_every,
@@ -239,8 +255,17 @@ def measure(args) -> list[dict]:
     mesh = jax.make_mesh((n,), ("data",), axis_types=(AxisType.Auto,))
     split, whole = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
     xs, ys = jax.device_put(x, split), jax.device_put(y, split)
+    tp_mesh = jax.make_mesh((n // 2, 2), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
+    tp_specs = {  # column-parallel, row-parallel, then replicated layers
+        name: {"w": P(None, "model"), "b": P("model")}
+        if i == 0
+        else ({"w": P("model", None), "b": P()} if i == 1 else {"w": P(), "b": P()})
+        for i, name in enumerate(params)
+    }
     rows = []
     for recipe in args.recipes.split(","):
+        if recipe not in ("jit", "shard_map", "tensor"):
+            raise SystemExit(f"--recipes: unknown recipe {recipe!r} (jit, shard_map, tensor)")
         axis = "data" if recipe == "shard_map" else None
         table = vgf.table(params, x[: args.batch // n], y[: args.batch // n]) if axis else None
         table = table or vgf.table(params, x, y)
@@ -260,13 +285,27 @@ def measure(args) -> list[dict]:
                 )
             jitted = jax.jit(step)
             p = jax.device_put(params, whole)
-            hlo = jitted.lower(p, s, xs, ys).compile().as_text()
+            if recipe == "tensor":
+                p = jax.device_put(
+                    params,
+                    jax.tree.map(
+                        lambda spec: NamedSharding(tp_mesh, spec),
+                        tp_specs,
+                        is_leaf=lambda spec: isinstance(spec, P),
+                    ),
+                )
+                tp_batch = NamedSharding(tp_mesh, P("data"))
+                xs_, ys_ = jax.device_put(x, tp_batch), jax.device_put(y, tp_batch)
+                s = init(p)  # eagerly: the state shaped like a weight is split like it
+            else:
+                xs_, ys_ = xs, ys
+            hlo = jitted.lower(p, s, xs_, ys_).compile().as_text()
             info = summary(hlo, args.refresh_every)
-            p, s = jax.block_until_ready(jitted(p, s, xs, ys))  # compile and warm
+            p, s = jax.block_until_ready(jitted(p, s, xs_, ys_))  # compile and warm
             times = []
             for _ in range(args.steps):
                 t0 = time.perf_counter()
-                p, s = jax.block_until_ready(jitted(p, s, xs, ys))
+                p, s = jax.block_until_ready(jitted(p, s, xs_, ys_))
                 times.append(time.perf_counter() - t0)
             rows.append(
                 {
@@ -289,7 +328,7 @@ def table(rows, args) -> str:
         "in other branches | step time × Adam (mean, median) | step (ms, mean) |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for recipe in dict.fromkeys(r["recipe"] for r in rows):
+    for recipe in dict.fromkeys(r["recipe"] for r in rows if r["recipe"] != "tensor"):
         group = [r for r in rows if r["recipe"] == recipe]
         adam = next(r for r in group if r["name"] == "adam")
         for r in group:
@@ -298,6 +337,28 @@ def table(rows, args) -> str:
                 f"{r['amortised'] / adam['amortised']:.2f} | {r['other'] / 1e6:.3f} MB | "
                 f"{r['mean'] / adam['mean']:.2f}, {r['median'] / adam['median']:.2f} | "
                 f"{1e3 * r['mean']:.1f} |"
+            )
+    tensor = [r for r in rows if r["recipe"] == "tensor"]
+    if tensor:
+        adam = next(r for r in tensor if r["name"] == "adam")
+        out += [
+            "",
+            f"Tensor parallelism (recipe tensor): {args.devices // 2} x 2 mesh (data, model), "
+            "first hidden layer column-parallel, second row-parallel, head replicated; "
+            "MB per step, amortised, by kind of collective",
+            "",
+            "| optimizer | collectives / step | all-reduce | all-gather | all-to-all | "
+            "collective-permute | bytes × Adam | step time × Adam (mean, median) |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for r in tensor:
+            k = r["by_kind"]
+            out.append(
+                f"| {r['name']} | {r['count']} | {k['all-reduce'] / 1e6:.3f} | "
+                f"{k['all-gather'] / 1e6:.3f} | {k['all-to-all'] / 1e6:.3f} | "
+                f"{k['collective-permute'] / 1e6:.3f} | "
+                f"{r['amortised'] / adam['amortised']:.2f} | "
+                f"{r['mean'] / adam['mean']:.2f}, {r['median'] / adam['median']:.2f} |"
             )
     return "\n".join(out)
 

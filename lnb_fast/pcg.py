@@ -18,9 +18,19 @@ import jax.numpy as jnp
 PyTree = Any
 
 
+def vdot(x, y):
+    """``Σ x ⊙ y`` over all entries, in the arrays' own shapes (parameters are real).
+
+    Not ``jnp.vdot``: it flattens both operands first, and flattening a weight that is sharded
+    along an inner axis (a column-parallel ``(d_in, d_out)`` split over ``d_out``) makes XLA
+    all-gather the whole weight. An elementwise product and a full sum keep every shard where
+    it is and all-reduce one scalar (docs/scaling.md, tensor-sharded weights)."""
+    return jnp.sum(x * y)
+
+
 def tree_vdot(a: PyTree, b: PyTree):
-    """``Σ_leaves a · b``."""
-    return sum(jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
+    """``Σ_leaves a · b`` (:func:`vdot` per leaf)."""
+    return sum(vdot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
 
 
 def _axpy(alpha, x: PyTree, y: PyTree) -> PyTree:

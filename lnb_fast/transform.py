@@ -56,7 +56,7 @@ from .covariance import covariance_direction, gram, gram_layout, gram_matvec
 from .covariance import relative_ridge as relative_ridge_of
 from .discovery import NeuronTable
 from .errors import StructureError
-from .pcg import metric_norm, pcg, tree_vdot
+from .pcg import metric_norm, pcg, tree_vdot, vdot
 from .plumbing import (
     FEATURES,
     GRADIENT,
@@ -513,9 +513,7 @@ def lnb(
             norms.append(norm.astype(wide))
 
         identity = [i for i in present if i not in in_neuron]
-        rest = sum(
-            (jnp.vdot(g_hat[i], g_hat[i]).astype(wide) for i in identity), jnp.zeros([], wide)
-        )
+        rest = sum((vdot(g_hat[i], g_hat[i]).astype(wide) for i in identity), jnp.zeros([], wide))
         raw_z = sum(norms if step_norm == "metric" else dots, rest)
         z = jnp.maximum(z0, raw_z)
         guard.add(STEP, -1, z)  # non-finite from finite inputs: a direction overflowed

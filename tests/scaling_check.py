@@ -58,9 +58,11 @@ BATCH = 32  # 4 rows per device
 
 
 def problem(seed: int = 0):
-    """A small MLP (6 → 8 → 8 → 3, biases, tanh then relu) and a batch of ``BATCH`` rows."""
+    """A small MLP (6 → 10 → 12 → 3, biases, tanh then relu) and a batch of ``BATCH`` rows.
+    No weight has the shape of a metric (``d_in × d_in``), so an all-gathered weight is told
+    apart from an all-gathered Gram by its shape alone (:func:`tensor_sharded`)."""
     rng = np.random.default_rng(seed)
-    sizes = (6, 8, 8, 3)
+    sizes = (6, 10, 12, 3)
     params = {
         f"layer{i}": {
             "w": jnp.asarray(rng.normal(size=(a, b)) / np.sqrt(a)),
@@ -196,7 +198,6 @@ def main() -> dict:
     table = vgf.table(params, x, y)
     local_table = vgf.table(params, x[: BATCH // DEVICES], y[: BATCH // DEVICES])
     mesh = jax.make_mesh((DEVICES,), ("data",), axis_types=(AxisType.Explicit,))
-    auto_mesh = jax.make_mesh((DEVICES,), ("data",), axis_types=(AxisType.Auto,))
     batch = NamedSharding(mesh, P("data"))
     xs, ys = jax.device_put(x, batch), jax.device_put(y, batch)
     singles = transformations(table)
@@ -210,15 +211,12 @@ def main() -> dict:
     for name in singles:
         results[name]["shard_map"] = rel(got[name], single[name])
 
-    # (a) jit + NamedSharding: the single-device code, batch split, params replicated
-    split = NamedSharding(auto_mesh, P("data"))
-    got = jax.jit(make_runs({k: singles[k] for k in JIT}, vgf))(
-        jax.device_put(params, NamedSharding(auto_mesh, P())),
-        jax.device_put(x, split),
-        jax.device_put(y, split),
-    )
+    # (a) jit + NamedSharding: the single-device code, batch split over "data", the hidden
+    # layers' weights split over "model" (tensor parallelism), the head replicated
+    tensor = tensor_sharded(singles, vgf, params, x, y, single)
     for name in JIT:
-        results[name]["jit"] = rel(got[name], single[name])
+        results[name]["jit"] = tensor["rel"][name]
+    results["tensor_sharded"] = tensor
 
     # (b') check_vma=False: every replica's parameters returned, equal and equal to single
     got = on_batch_axis(
@@ -243,6 +241,59 @@ def main() -> dict:
     results["errors"] = error_cases(params, x, y, vgf, mesh, xs, ys, single["lnb-auto"])
     results["split_work"] = split_work(vgf, local_table, params, mesh, xs, ys)
     return results
+
+
+#: recipe (a) with tensor-parallel weights on a 4 × 2 ("data", "model") mesh: the first layer
+#: column-parallel (split over its outputs, as its bias), the second row-parallel (split over
+#: its inputs), the head replicated
+TENSOR_SPECS = {
+    "layer0": {"w": P(None, "model"), "b": P("model")},
+    "layer1": {"w": P("model", None), "b": P()},
+    "layer2": {"w": P(), "b": P()},
+}
+
+
+def tensor_sharded(singles, vgf, params, x, y, single) -> dict:
+    """Every transformation under ``jit`` with the batch split over ``"data"`` and the weights
+    of :data:`TENSOR_SPECS` split over ``"model"``: ``{"rel": {name: ...}, "keeps_sharding":
+    {name: whether the returned parameters keep their shardings}, "gathered": [shapes of all-gathers
+    whose result is a whole weight], "weights": [the sharded weights' shapes]}``, read from the
+    one compiled program (every transformation's ``STEPS`` steps)."""
+    import re
+
+    mesh = jax.make_mesh((DEVICES // 2, 2), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
+    shardings = jax.tree.map(
+        lambda s: NamedSharding(mesh, s), TENSOR_SPECS, is_leaf=lambda s: isinstance(s, P)
+    )
+    batch = NamedSharding(mesh, P("data"))
+    runs = jax.jit(make_runs({k: singles[k] for k in JIT}, vgf))
+    args = (jax.device_put(params, shardings), jax.device_put(x, batch), jax.device_put(y, batch))
+    compiled = runs.lower(*args).compile()
+    got = compiled(*args)
+    weights = {
+        tuple(params[layer]["w"].shape) for layer, spec in TENSOR_SPECS.items() if spec["w"] != P()
+    }
+    weights |= {w[::-1] for w in weights}  # a transposed weight is as large
+    gathered = []
+    for line in compiled.as_text().splitlines():
+        op = re.search(r"=\s*(.+?)\s+all-gather(?:-start)?\(", line)
+        if op:  # the result's shape (an async start's is the last of its tuple)
+            dims = re.findall(r"\[([\d,]*)\]", op.group(1))[-1]
+            shape = tuple(int(d) for d in dims.split(",") if d and int(d) > 1)
+            if shape in weights:
+                gathered.append(list(shape))
+    return {
+        "rel": {name: rel(got[name], single[name]) for name in JIT},
+        "keeps_sharding": {  # the parameters come back split as they went in
+            name: all(
+                a.sharding.is_equivalent_to(s, a.ndim)
+                for a, s in zip(jax.tree.leaves(got[name]), jax.tree.leaves(shardings), strict=True)
+            )
+            for name in JIT
+        },
+        "gathered": gathered,
+        "weights": sorted(list(w) for w in weights),
+    }
 
 
 def split_work(vgf, table, params, mesh, xs, ys) -> dict:

@@ -86,6 +86,22 @@ def test_every_recipe_was_checked(eight_devices):
 
 
 @EIGHT
+def test_tensor_parallel_weights_are_never_gathered(eight_devices):
+    """Recipe (a) with a column-parallel and a row-parallel layer on a ("data", "model") mesh
+    (``scaling_check.TENSOR_SPECS``): every transformation's two steps (their ``jit`` rows above,
+    ≤ ``TOL``) return the parameters split as they came, and no all-gather in the compiled
+    program yields a whole sharded weight (or its transpose): the metric products, PCG's inner
+    products and the covariance solves all work on the shards. (Flattening a weight for
+    ``jnp.vdot`` made XLA gather the column-parallel one for every inner product: 118 gathers
+    in these steps.)"""
+    tensor = eight_devices["tensor_sharded"]
+    assert len(tensor["weights"]) == 4  # two sharded weights and their transposes
+    assert all(tensor["keeps_sharding"].values()), tensor["keeps_sharding"]
+    assert set(tensor["keeps_sharding"]) == {n for n in NAMES if "jit" in eight_devices[n]}
+    assert tensor["gathered"] == []
+
+
+@EIGHT
 def test_a_per_replica_state_crosses_steps(eight_devices):
     """``covariance_sync="refresh"``: each replica's EMA in the state, by ``state_specs``."""
     assert eight_devices["state_specs"] <= TOL
@@ -109,7 +125,13 @@ def test_split_refresh_inverts_each_metric_once(eight_devices):
 def test_the_docs_examples_run(eight_devices):
     """docs/scaling.md's recipes run as printed (each asserts its step equals one device's)."""
     docs = eight_devices["docs"]
-    assert set(docs) == {"scaling-setup", "scaling-jit", "scaling-shard_map", "scaling-refresh"}
+    assert set(docs) == {
+        "scaling-setup",
+        "scaling-jit",
+        "scaling-tensor",
+        "scaling-shard_map",
+        "scaling-refresh",
+    }
     assert all(v == "ok" for v in docs.values()), docs
 
 
