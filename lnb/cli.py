@@ -1,8 +1,9 @@
-"""The ``lnb`` command: ``lnb demo``, ``lnb reproduce EXPERIMENT``, ``lnb check``.
+"""The ``lnb`` command: ``lnb demo``, ``lnb reproduce EXPERIMENT``, ``lnb plot``, ``lnb check``.
 
     lnb demo                                  # matfact + digits MLP (original, inverted), ~2 min
     lnb reproduce mlp --optimizers lnb,adam --epochs 20 --seed 0 --out results
     lnb reproduce mlp --dataset fashion-mnist # the full-size run (needs `make data`)
+    lnb plot results/mlp.json results/mlp-inverted.json --out both.png   # runs on shared axes
     lnb check --problems 20                   # lnb_fast vs lnb_ref on fresh random problems
 
 Every run writes ``OUT/<experiment>.json`` (config, dataset, per-epoch train/test loss and
@@ -258,6 +259,45 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def load_result(path: Path) -> dict:
+    """A result JSON written by ``lnb reproduce`` (its nulls, non-finite values, back to nan)."""
+    import json
+
+    try:
+        result = json.loads(path.read_text())
+    except OSError as err:
+        raise UsageError(f"cannot read {path}: {err.strerror or err}") from None
+    except ValueError as err:
+        raise UsageError(f"{path} is not a result file: {err}") from None
+    if not isinstance(result, dict) or not isinstance(result.get("runs"), list):
+        raise UsageError(f"{path} is not a result file of lnb reproduce (no 'runs')")
+    for run in result["runs"]:
+        for key in ("train_loss", "test_metric", "epoch_seconds"):
+            if key in run:
+                run[key] = [math.nan if v is None else v for v in run[key]]
+    return result
+
+
+def cmd_plot(args) -> int:
+    """``lnb plot A.json [B.json [C.json]] --out FIG.png``: the runs of up to three results on
+    shared axes (solid, dashed, dotted), e.g. original and inverted pixels."""
+    from .plots import plot_results
+
+    if len(args.results) > 3:
+        raise UsageError(f"at most 3 result files share one figure, got {len(args.results)}")
+    results = [load_result(Path(p)) for p in args.results]
+    metrics = {r.get("metric") for r in results}
+    if len(metrics) > 1:
+        raise UsageError(f"the results measure different things ({', '.join(map(str, metrics))})")
+    out = Path(args.out)
+    if out.suffix.lower() != ".png":
+        raise UsageError(f"--out must name a .png file, got {out}")
+    if not out.parent.is_dir():
+        raise UsageError(f"--out: folder {out.parent} does not exist")
+    print(plot_results(results, out, args.title))
+    return 0
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     from .check import format_report, passed, run_check
 
@@ -325,6 +365,12 @@ def parser() -> argparse.ArgumentParser:
     )
     rep.add_argument("--quiet", action="store_true")
     rep.set_defaults(func=cmd_reproduce)
+
+    plot = sub.add_parser("plot", help="result files of lnb reproduce on shared axes (PNG)")
+    plot.add_argument("results", nargs="+", help="OUT/<experiment>.json files (at most 3)")
+    plot.add_argument("--out", required=True, help="the PNG file to write")
+    plot.add_argument("--title", default=None)
+    plot.set_defaults(func=cmd_plot)
 
     check = sub.add_parser("check", help="lnb_fast against lnb_ref on fresh random problems")
     check.add_argument("--problems", type=positive_int, default=20)

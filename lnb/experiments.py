@@ -107,7 +107,8 @@ EXPERIMENTS: dict[str, Experiment] = {
         "cnn",
         "CNN: convs 16, 32 (3×3, strides 1, 2, bias, ReLU) + dense",
         model="cnn",
-        optimizers=minibatch_optimizers(0.01, 3e-3),
+        # ε 0.1: the best of benchmarks/convergence.py's grid at a7c461f (docs/results.md)
+        optimizers=minibatch_optimizers(0.1, 3e-3),
     ),
     "vit": Experiment(
         "vit",

@@ -185,3 +185,72 @@ def test_batch_larger_than_the_training_set_exits_2(lnb_main, capsys, tmp_path):
     argv = ["reproduce", "mlp", "--n-train", "40", "--batch-size", "50", "--epochs", "1"]
     assert lnb_main([*argv, "--out", str(tmp_path), "--quiet"]) == 2
     one_line_error(capsys, "batch size 50 is larger than the training set (40)")
+
+
+def _result(path, dataset: str, shift: float) -> str:
+    """A result file as ``lnb reproduce`` writes it (the keys ``lnb plot`` reads; a diverged
+    epoch is stored as null)."""
+    runs = [
+        {
+            "optimizer": name,
+            "label": name,
+            "train_loss": [1.0 + shift, 0.5 + shift, None],
+            "test_metric": [0.5, 0.8 - shift, 0.9],
+            "epoch_seconds": [0.1, 0.1, 0.1],
+        }
+        for name in ("lnb", "adam")
+    ]
+    path.write_text(json.dumps({"metric": "accuracy", "dataset": {"name": dataset}, "runs": runs}))
+    return str(path)
+
+
+def test_plot_puts_results_on_shared_axes(tmp_path, capsys):
+    """``lnb plot``: one PNG from up to three result files; a second result adds its (dashed)
+    curves, so the figure differs from the first result's alone."""
+    from lnb.cli import main as lnb
+
+    a = _result(tmp_path / "a.json", "digits", 0.0)
+    b = _result(tmp_path / "b.json", "digits (inverted)", 0.1)
+    assert lnb(["plot", a, "--out", str(tmp_path / "one.png")]) == 0
+    assert lnb(["plot", a, b, "--out", str(tmp_path / "two.png"), "--title", "t"]) == 0
+    one, two = (tmp_path / "one.png").read_bytes(), (tmp_path / "two.png").read_bytes()
+    assert one[:4] == two[:4] == b"\x89PNG" and one != two
+    assert str(tmp_path / "two.png") in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("missing", "cannot read"),
+        ("corrupt", "is not a result file"),
+        ("four", "at most 3 result files"),
+        ("jpg", "must name a .png file"),
+        ("no-folder", "does not exist"),
+        ("mixed", "measure different things"),
+    ],
+)
+def test_plot_bad_inputs_exit_2_with_one_line(tmp_path, capsys, case, message):
+    from lnb.cli import main as lnb
+
+    good = _result(tmp_path / "a.json", "digits", 0.0)
+    out = str(tmp_path / "fig.png")
+    files = [good]
+    if case == "missing":
+        files = [str(tmp_path / "nope.json")]
+    elif case == "corrupt":
+        (tmp_path / "bad.json").write_text("{ not json")
+        files = [str(tmp_path / "bad.json")]
+    elif case == "four":
+        files = [good] * 4
+    elif case == "jpg":
+        out = str(tmp_path / "fig.jpg")
+    elif case == "no-folder":
+        out = str(tmp_path / "nowhere" / "fig.png")
+    elif case == "mixed":
+        other = json.loads((tmp_path / "a.json").read_text()) | {"metric": "excess loss"}
+        (tmp_path / "m.json").write_text(json.dumps(other))
+        files = [good, str(tmp_path / "m.json")]
+    assert lnb(["plot", *files, "--out", out]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("lnb: error:") and message in err and "\n" not in err
+    assert not (tmp_path / "fig.png").exists()
