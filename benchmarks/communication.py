@@ -14,8 +14,10 @@ generator); the batch is split over a ``data`` axis of ``--devices`` simulated C
 * ``tensor`` (not run by default): ``jit`` on a ``(devices/2, 2)`` mesh ``("data", "model")``,
   the batch split over ``data``, the first hidden layer column-parallel (its weight and bias
   split over ``model`` by output), the second row-parallel (its weight split over ``model`` by
-  input), the head replicated: tensor parallelism as Megatron lays out an MLP. Its table
-  splits the bytes by kind of collective (a whole weight all-gathered shows as all-gather);
+  input), the head replicated: tensor parallelism as Megatron lays out an MLP, compiled with
+  the mesh set (``jax.set_mesh``), and the covariance strategy once more without it. Its
+  table splits the bytes by kind of collective (a whole weight all-gathered shows as
+  all-gather);
 * ``shard_map``: the step inside ``jax.shard_map`` with ``axis_name="data"``: lnb_fast's own
   ``pmean``s (:mod:`lnb_fast.spmd`), and one more row, the covariance strategy with
   ``covariance_sync="refresh"`` (each replica's EMA, averaged on refresh steps only; the state
@@ -38,6 +40,7 @@ take. No number is asserted; docs/scaling.md quotes a run of this script.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import sys
@@ -269,9 +272,15 @@ def measure(args) -> list[dict]:
         axis = "data" if recipe == "shard_map" else None
         table = vgf.table(params, x[: args.batch // n], y[: args.batch // n]) if axis else None
         table = table or vgf.table(params, x, y)
-        for name, opt in optimizers(table, args.refresh_every, axis).items():
+        opts = optimizers(table, args.refresh_every, axis)
+        if recipe == "tensor":  # the covariance strategy again, without jax.set_mesh
+            opts["covariance (no set_mesh)"] = opts["covariance"]
+        for name, opt in opts.items():
             if args.only and name != "adam" and name not in args.only.split(","):
                 continue
+            context = contextlib.nullcontext()
+            if recipe == "tensor" and name != "covariance (no set_mesh)":
+                context = jax.set_mesh(tp_mesh)  # the context mesh: lnb_fast.spmd.whole
             step, init = make_step(opt, vgf, axis)
             s = jax.device_put(init(params), whole)
             if recipe == "shard_map":
@@ -299,14 +308,16 @@ def measure(args) -> list[dict]:
                 s = init(p)  # eagerly: the state shaped like a weight is split like it
             else:
                 xs_, ys_ = xs, ys
-            hlo = jitted.lower(p, s, xs_, ys_).compile().as_text()
-            info = summary(hlo, args.refresh_every)
-            p, s = jax.block_until_ready(jitted(p, s, xs_, ys_))  # compile and warm
-            times = []
-            for _ in range(args.steps):
-                t0 = time.perf_counter()
-                p, s = jax.block_until_ready(jitted(p, s, xs_, ys_))
-                times.append(time.perf_counter() - t0)
+            with context:
+                hlo = jitted.lower(p, s, xs_, ys_).compile().as_text()
+                info = summary(hlo, args.refresh_every)
+                for _ in range(2):  # compile and warm (the state's layout can change once)
+                    p, s = jax.block_until_ready(jitted(p, s, xs_, ys_))
+                times = []
+                for _ in range(args.steps):
+                    t0 = time.perf_counter()
+                    p, s = jax.block_until_ready(jitted(p, s, xs_, ys_))
+                    times.append(time.perf_counter() - t0)
             rows.append(
                 {
                     "recipe": recipe,

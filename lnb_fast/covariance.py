@@ -34,6 +34,7 @@ import numpy as np
 from jax import lax
 
 from .neuron import Neuron, replay
+from .spmd import columns_whole, whole
 
 
 @dataclass(frozen=True, eq=False)
@@ -217,11 +218,21 @@ def _build_layout(neuron: Neuron) -> GramLayout | str:
 
 
 # --- the linear algebra ------------------------------------------------------------------------
-def gram(layout: GramLayout, X, n_samples: int):
-    """``(C, μ)``: ``C_g = Φ_gᵀΦ_g/n_i`` ``(G, d, d)`` and ``μ_g = Φ_gᵀ1/n_i`` ``(G, d)``."""
+def gram(layout: GramLayout, X, n_samples: int, keep_whole: bool = False):
+    """``(C, μ)``: ``C_g = Φ_gᵀΦ_g/n_i`` ``(G, d, d)`` and ``μ_g = Φ_gᵀ1/n_i`` ``(G, d)``.
+
+    With ``keep_whole`` (the covariance strategy and FOOF, whose EMA and inverse every device
+    needs whole), on a context mesh (``jax.set_mesh``) both come out whole on every device,
+    computed from ``Φ`` with its columns whole (:func:`lnb_fast.spmd.columns_whole`): a
+    row-parallel layer's inputs are gathered once, its Gram never (docs/scaling.md). Not for
+    the gram strategy's PCG: with ``C`` whole, XLA gathers a row-parallel layer's direction for
+    every product ``V C`` instead of exchanging partial products."""
     Phi = layout.design(X)
+    if keep_whole:
+        Phi = columns_whole(Phi)
     C = jnp.einsum("gni,gnj->gij", Phi, Phi) / n_samples
-    return C, jnp.sum(Phi, axis=1) / n_samples
+    mu = jnp.sum(Phi, axis=1) / n_samples
+    return whole((C, mu)) if keep_whole else (C, mu)
 
 
 def augmented(layout: GramLayout, C, mu):
@@ -332,9 +343,22 @@ def damped_inverse(layout: GramLayout, A, ridge, relative: bool = False):
 
 
 def apply_inverse(layout: GramLayout, inverse, g):
-    """``θ̂ = g A⁻¹`` row by row, on ``(w,)``/``(w, b)`` in the user's layout."""
-    rows = layout.params_to_rows(g)
-    return layout.rows_to_params(jnp.einsum("gkd,gde->gke", rows, inverse))
+    """``θ̂ = g A⁻¹`` row by row, on ``(w,)``/``(w, b)`` in the user's layout.
+
+    With a bias, by blocks of ``A⁻¹ = [[S, u], [uᵀ, c]]`` rather than on rows ``[V, b]`` with
+    the bias appended: ``θ̂_w = V S + b uᵀ``, ``θ̂_b = V u + b c``. The same products, but no
+    concatenation onto the design axis, which for a row-parallel weight is the split axis
+    (XLA would gather the whole direction to append the column; docs/scaling.md)."""
+    V = layout.to_rows(g[0])
+    if layout.bias_index is None:
+        return (layout.from_rows(jnp.einsum("gkd,gde->gke", V, inverse)),)
+    d = layout.cols
+    b = layout.bias_rows(g[1])  # (G, K)
+    out_w = (
+        jnp.einsum("gkd,gde->gke", V, inverse[:, :d, :d]) + b[..., None] * inverse[:, None, d, :d]
+    )
+    out_b = jnp.einsum("gkd,gd->gk", V, inverse[:, :d, d]) + b * inverse[:, None, d, d]
+    return (layout.from_rows(out_w), layout.bias_from_rows(out_b))
 
 
 def ema_inverse_step(
@@ -371,7 +395,8 @@ def ema_inverse_step(
 
     def update():
         # the Gram in the EMA's precision (float32 at least: bf16 features are widened first)
-        C, mu = gram(layout, jax.tree.map(lambda x: x.astype(A_old.dtype), X), n_samples)
+        X_wide = jax.tree.map(lambda x: x.astype(A_old.dtype), X)
+        C, mu = gram(layout, X_wide, n_samples, keep_whole=True)
         if reduce is not None:
             C, mu = reduce([C, mu])
         return b2 * A_old + (1 - b2) * augmented(layout, C, mu).astype(A_old.dtype)
@@ -391,7 +416,7 @@ def ema_inverse_step(
         return inverse() if split is None else split(inverse, inv_old)
 
     inv = lax.cond(refresh if ok is None else refresh & ok, refreshed, lambda: inv_old)
-    return A, inv
+    return whole((A, inv))  # on a context mesh: whole on every device (spmd.whole)
 
 
 def covariance_direction(

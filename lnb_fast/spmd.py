@@ -333,3 +333,44 @@ def check_axes(who: str, axis_name, values) -> Reducer:
             "harmless"
         )
     return Reducer(axes)
+
+
+# --- recipe (a), jit on a context mesh: the metrics kept whole -----------------------------------
+def _context_mesh():
+    """The mesh set with ``jax.set_mesh`` (or ``jax.sharding.use_mesh``) when it spans several
+    devices and every axis is ``Auto`` (XLA places the arrays), else None: under ``shard_map``
+    (``Manual`` axes) each replica's arrays are its own, and with no context mesh a sharding
+    constraint has no mesh to name."""
+    get = getattr(jax.sharding, "get_abstract_mesh", None)
+    mesh = get() if get is not None else None
+    if mesh is None or mesh.empty or mesh.size == 1:
+        return None
+    if any(t != jax.sharding.AxisType.Auto for t in mesh.axis_types):
+        return None
+    return mesh
+
+
+def whole(tree):
+    """Constrain every array of ``tree`` to be whole on every device of the context mesh (a no-op
+    without one, :func:`_context_mesh`).
+
+    For the covariance strategy's (and FOOF's) ``D × D`` second moments and their inverses, and
+    the Grams: one matrix per layer, shared by all its neurons, which every device's neurons
+    need whole. Left to itself, XLA splits a row-parallel layer's Gram like the layer's inputs
+    (over a ``model`` axis) and gathers it back for the Cholesky and the products, weight-sized
+    gathers every step (docs/scaling.md, tensor-parallel weights)."""
+    if _context_mesh() is None:
+        return tree
+    spec = jax.sharding.PartitionSpec()
+    return jax.tree.map(lambda a: lax.with_sharding_constraint(a, spec), tree)
+
+
+def columns_whole(design):
+    """A design ``Φ`` ``(G, n, d)`` with its ``d`` columns whole on every device of the context
+    mesh and its ``n`` rows left where XLA puts them (split over the batch's axes): its Gram
+    ``ΦᵀΦ`` is then each device's own rows' sum, with the one reduction over the batch and no
+    gather of the Gram (a no-op without a context mesh)."""
+    if _context_mesh() is None:
+        return design
+    P = jax.sharding.PartitionSpec
+    return lax.with_sharding_constraint(design, P(None, P.UNCONSTRAINED, None))

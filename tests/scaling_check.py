@@ -268,13 +268,17 @@ def tensor_sharded(singles, vgf, params, x, y, single) -> dict:
     batch = NamedSharding(mesh, P("data"))
     runs = jax.jit(make_runs({k: singles[k] for k in JIT}, vgf))
     args = (jax.device_put(params, shardings), jax.device_put(x, batch), jax.device_put(y, batch))
-    compiled = runs.lower(*args).compile()
-    got = compiled(*args)
+    with jax.set_mesh(mesh):  # the context mesh: the covariance metrics kept whole (spmd.whole)
+        compiled = runs.lower(*args).compile()
+        got = compiled(*args)
     weights = {
         tuple(params[layer]["w"].shape) for layer, spec in TENSOR_SPECS.items() if spec["w"] != P()
     }
     weights |= {w[::-1] for w in weights}  # a transposed weight is as large
-    gathered = []
+    # a layer's metric: its d_in x d_in Gram, or (d_in + 1)² augmented with the bias
+    metrics = {(d, d) for layer in params for d in (params[layer]["w"].shape[0],) * 2}
+    metrics |= {(d + 1, d + 1) for d, _ in metrics}
+    gathered, gathered_metrics = [], []
     for line in compiled.as_text().splitlines():
         op = re.search(r"=\s*(.+?)\s+all-gather(?:-start)?\(", line)
         if op:  # the result's shape (an async start's is the last of its tuple)
@@ -282,6 +286,8 @@ def tensor_sharded(singles, vgf, params, x, y, single) -> dict:
             shape = tuple(int(d) for d in dims.split(",") if d and int(d) > 1)
             if shape in weights:
                 gathered.append(list(shape))
+            if shape in metrics:
+                gathered_metrics.append(list(shape))
     return {
         "rel": {name: rel(got[name], single[name]) for name in JIT},
         "keeps_sharding": {  # the parameters come back split as they went in
@@ -292,6 +298,7 @@ def tensor_sharded(singles, vgf, params, x, y, single) -> dict:
             for name in JIT
         },
         "gathered": gathered,
+        "gathered_metrics": gathered_metrics,
         "weights": sorted(list(w) for w in weights),
     }
 

@@ -88,17 +88,21 @@ def test_every_recipe_was_checked(eight_devices):
 @EIGHT
 def test_tensor_parallel_weights_are_never_gathered(eight_devices):
     """Recipe (a) with a column-parallel and a row-parallel layer on a ("data", "model") mesh
-    (``scaling_check.TENSOR_SPECS``): every transformation's two steps (their ``jit`` rows above,
-    ≤ ``TOL``) return the parameters split as they came, and no all-gather in the compiled
-    program yields a whole sharded weight (or its transpose): the metric products, PCG's inner
-    products and the covariance solves all work on the shards. (Flattening a weight for
-    ``jnp.vdot`` made XLA gather the column-parallel one for every inner product: 118 gathers
-    in these steps.)"""
+    set with ``jax.set_mesh`` (``scaling_check.TENSOR_SPECS``): every transformation's two steps
+    (their ``jit`` rows above, ≤ ``TOL``) return the parameters split as they came, and no
+    all-gather in the compiled program yields a whole sharded weight (or its transpose), nor a
+    layer's metric (``d_in²`` or ``(d_in + 1)²``): the metric products, PCG's inner products
+    and the covariance solves work on the shards, and the covariance strategy's and FOOF's
+    second moments stay whole on every device. Before: flattening a weight for ``jnp.vdot``
+    made XLA gather the column-parallel one for every inner product (118 gathers in these
+    steps), and appending the bias column to a row-parallel direction gathered it (its
+    ``12 × 12`` rows)."""
     tensor = eight_devices["tensor_sharded"]
     assert len(tensor["weights"]) == 4  # two sharded weights and their transposes
     assert all(tensor["keeps_sharding"].values()), tensor["keeps_sharding"]
     assert set(tensor["keeps_sharding"]) == {n for n in NAMES if "jit" in eight_devices[n]}
     assert tensor["gathered"] == []
+    assert tensor["gathered_metrics"] == []
 
 
 @EIGHT
