@@ -6,7 +6,7 @@ LNB strategy next to ``optax.adam``, on simulated CPU devices.
 
 The model is the paper's MLP (784-800-800-10, tanh, float32, random data from a seeded NumPy
 generator); the batch is split over a ``data`` axis of ``--devices`` simulated CPU devices
-(``XLA_FLAGS=--xla_force_host_platform_device_count``, set here before JAX starts). Three recipes
+(``XLA_FLAGS=--xla_force_host_platform_device_count``, set here before JAX starts). The recipes
 (docs/scaling.md):
 
 * ``jit``: the single-device step under ``jax.jit``, batch ``NamedSharding``-ed over ``data``,
@@ -18,6 +18,8 @@ generator); the batch is split over a ``data`` axis of ``--devices`` simulated C
   the mesh set (``jax.set_mesh``), and the covariance strategy once more without it. Its
   table splits the bytes by kind of collective (a whole weight all-gathered shows as
   all-gather);
+* ``fsdp`` (not run by default): ``jit`` with every weight split by rows over ``data`` (fully
+  sharded data parallelism: the batch and the weights over the same axis), the mesh set;
 * ``shard_map``: the step inside ``jax.shard_map`` with ``axis_name="data"``: lnb_fast's own
   ``pmean``s (:mod:`lnb_fast.spmd`), and one more row, the covariance strategy with
   ``covariance_sync="refresh"`` (each replica's EMA, averaged on refresh steps only; the state
@@ -57,7 +59,7 @@ def parse_args(argv=None):
     ap.add_argument(
         "--recipes",
         default="jit,shard_map",
-        help="comma-separated: jit, shard_map, tensor (jit on a data x model mesh)",
+        help="comma-separated: jit, shard_map, tensor (jit on a data x model mesh), fsdp",
     )
     ap.add_argument("--only", default=None, help="comma-separated optimizer names (adam always)")
     ap.add_argument("--quick", action="store_true", help="tiny sizes, 2 steps (smoke test)")
@@ -265,10 +267,15 @@ def measure(args) -> list[dict]:
         else ({"w": P("model", None), "b": P()} if i == 1 else {"w": P(), "b": P()})
         for i, name in enumerate(params)
     }
+    fsdp_specs = {  # each weight's rows over data (where they divide evenly), biases whole
+        name: {"w": P("data", None) if layer["w"].shape[0] % n == 0 else P(), "b": P()}
+        for name, layer in params.items()
+    }
+    layouts = {"tensor": (tp_mesh, tp_specs), "fsdp": (mesh, fsdp_specs)}
     rows = []
     for recipe in args.recipes.split(","):
-        if recipe not in ("jit", "shard_map", "tensor"):
-            raise SystemExit(f"--recipes: unknown recipe {recipe!r} (jit, shard_map, tensor)")
+        if recipe not in ("jit", "shard_map", *layouts):
+            raise SystemExit(f"--recipes: unknown recipe {recipe!r} (jit, shard_map, tensor, fsdp)")
         axis = "data" if recipe == "shard_map" else None
         table = vgf.table(params, x[: args.batch // n], y[: args.batch // n]) if axis else None
         table = table or vgf.table(params, x, y)
@@ -279,8 +286,8 @@ def measure(args) -> list[dict]:
             if args.only and name != "adam" and name not in args.only.split(","):
                 continue
             context = contextlib.nullcontext()
-            if recipe == "tensor" and name != "covariance (no set_mesh)":
-                context = jax.set_mesh(tp_mesh)  # the context mesh: lnb_fast.spmd.whole
+            if recipe in layouts and name != "covariance (no set_mesh)":
+                context = jax.set_mesh(layouts[recipe][0])  # the context mesh: spmd.whole
             step, init = make_step(opt, vgf, axis)
             s = jax.device_put(init(params), whole)
             if recipe == "shard_map":
@@ -294,17 +301,18 @@ def measure(args) -> list[dict]:
                 )
             jitted = jax.jit(step)
             p = jax.device_put(params, whole)
-            if recipe == "tensor":
+            if recipe in layouts:
+                where, specs = layouts[recipe]
                 p = jax.device_put(
                     params,
                     jax.tree.map(
-                        lambda spec: NamedSharding(tp_mesh, spec),
-                        tp_specs,
+                        lambda spec, where=where: NamedSharding(where, spec),
+                        specs,
                         is_leaf=lambda spec: isinstance(spec, P),
                     ),
                 )
-                tp_batch = NamedSharding(tp_mesh, P("data"))
-                xs_, ys_ = jax.device_put(x, tp_batch), jax.device_put(y, tp_batch)
+                batch = NamedSharding(where, P("data"))
+                xs_, ys_ = jax.device_put(x, batch), jax.device_put(y, batch)
                 s = init(p)  # eagerly: the state shaped like a weight is split like it
             else:
                 xs_, ys_ = xs, ys
@@ -339,7 +347,7 @@ def table(rows, args) -> str:
         "in other branches | step time × Adam (mean, median) | step (ms, mean) |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for recipe in dict.fromkeys(r["recipe"] for r in rows if r["recipe"] != "tensor"):
+    for recipe in dict.fromkeys(r["recipe"] for r in rows if r["recipe"] in ("jit", "shard_map")):
         group = [r for r in rows if r["recipe"] == recipe]
         adam = next(r for r in group if r["name"] == "adam")
         for r in group:
@@ -349,20 +357,26 @@ def table(rows, args) -> str:
                 f"{r['mean'] / adam['mean']:.2f}, {r['median'] / adam['median']:.2f} | "
                 f"{1e3 * r['mean']:.1f} |"
             )
-    tensor = [r for r in rows if r["recipe"] == "tensor"]
-    if tensor:
-        adam = next(r for r in tensor if r["name"] == "adam")
+    titles = {
+        "tensor": f"Tensor parallelism (recipe tensor): {args.devices // 2} x 2 mesh "
+        "(data, model), first hidden layer column-parallel, second row-parallel, head replicated",
+        "fsdp": f"FSDP (recipe fsdp): {args.devices} devices (data), every weight split by rows "
+        "over data (where they divide), biases replicated",
+    }
+    for recipe, title in titles.items():
+        group = [r for r in rows if r["recipe"] == recipe]
+        if not group:
+            continue
+        adam = next(r for r in group if r["name"] == "adam")
         out += [
             "",
-            f"Tensor parallelism (recipe tensor): {args.devices // 2} x 2 mesh (data, model), "
-            "first hidden layer column-parallel, second row-parallel, head replicated; "
-            "MB per step, amortised, by kind of collective",
+            f"{title}; MB per step, amortised, by kind of collective",
             "",
             "| optimizer | collectives / step | all-reduce | all-gather | all-to-all | "
             "collective-permute | bytes × Adam | step time × Adam (mean, median) |",
             "|---|---|---|---|---|---|---|---|",
         ]
-        for r in tensor:
+        for r in group:
             k = r["by_kind"]
             out.append(
                 f"| {r['name']} | {r['count']} | {k['all-reduce'] / 1e6:.3f} | "

@@ -245,11 +245,11 @@ def main() -> dict:
 
 #: recipe (a) with tensor-parallel weights on a 4 × 2 ("data", "model") mesh: the first layer
 #: column-parallel (split over its outputs, as its bias), the second row-parallel (split over
-#: its inputs), the head replicated
+#: its inputs), the head's weight split by rows over "data" as FSDP does, its bias whole
 TENSOR_SPECS = {
     "layer0": {"w": P(None, "model"), "b": P("model")},
     "layer1": {"w": P("model", None), "b": P()},
-    "layer2": {"w": P(), "b": P()},
+    "layer2": {"w": P("data", None), "b": P()},
 }
 
 
@@ -271,8 +271,10 @@ def tensor_sharded(singles, vgf, params, x, y, single) -> dict:
     with jax.set_mesh(mesh):  # the context mesh: the covariance metrics kept whole (spmd.whole)
         compiled = runs.lower(*args).compile()
         got = compiled(*args)
-    weights = {
-        tuple(params[layer]["w"].shape) for layer, spec in TENSOR_SPECS.items() if spec["w"] != P()
+    weights = {  # the tensor-parallel ones (FSDP gathers its weight for the forward pass)
+        tuple(params[layer]["w"].shape)
+        for layer, spec in TENSOR_SPECS.items()
+        if "model" in tuple(spec["w"])
     }
     weights |= {w[::-1] for w in weights}  # a transposed weight is as large
     # a layer's metric: its d_in x d_in Gram, or (d_in + 1)² augmented with the bias

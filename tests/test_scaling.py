@@ -88,9 +88,11 @@ def test_every_recipe_was_checked(eight_devices):
 @EIGHT
 def test_tensor_parallel_weights_are_never_gathered(eight_devices):
     """Recipe (a) with a column-parallel and a row-parallel layer on a ("data", "model") mesh
-    set with ``jax.set_mesh`` (``scaling_check.TENSOR_SPECS``): every transformation's two steps
+    set with ``jax.set_mesh``, and the head FSDP-split over "data"
+    (``scaling_check.TENSOR_SPECS``): every transformation's two steps
     (their ``jit`` rows above, ≤ ``TOL``) return the parameters split as they came, and no
-    all-gather in the compiled program yields a whole sharded weight (or its transpose), nor a
+    all-gather in the compiled program yields a whole tensor-parallel weight (or its transpose;
+    FSDP's weight is gathered for the forward pass by design), nor a
     layer's metric (``d_in²`` or ``(d_in + 1)²``): the metric products, PCG's inner products
     and the covariance solves work on the shards, and the covariance strategy's and FOOF's
     second moments stay whole on every device. Before: flattening a weight for ``jnp.vdot``
