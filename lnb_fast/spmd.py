@@ -156,6 +156,33 @@ class Reducer:
         packed = Symmetric(value)
         return packed.unpack(lax.psum(packed.pack(), self.axes))
 
+    def by_columns(self, columns, d: int):
+        """A ``(G, d, d)`` matrix whose columns ``columns(start, count)`` computes
+        (``(G, d, count)``), each replica computing ``count = ⌈d/P⌉`` of them and one psum
+        putting them together (each replica adds its block to zeros: exact). Without axes,
+        ``columns(0, d)``. Every replica must call this (it is a collective)."""
+        if not self.axes:
+            return columns(0, d)
+        count = -(-d // self.size)
+        start = self.replica() * count
+        block = columns(start, count)
+        full = jnp.zeros((*block.shape[:-1], count * self.size), block.dtype)
+        if self.typed:  # the zeros vary over the axes as the block does
+            full = make_varying(full, tuple(a for a in self.axes if a not in varying_axes(full)))
+            missing = tuple(a for a in self.axes if a not in varying_axes(block))
+            block = make_varying(block, missing) if missing else block
+        full = lax.dynamic_update_slice_in_dim(full, block, start, axis=-1)
+        return lax.psum(full, self.axes)[..., :d]
+
+    def split_inverse(self, M):
+        """``M⁻¹`` (``(G, d, d)``, symmetric positive definite) with its columns shared among
+        the replicas (:meth:`by_columns`): every replica factors ``M`` (``d³/3`` flops) and
+        solves for its ``⌈d/P⌉`` columns (``2d³/P``), instead of one replica doing all
+        ``7d³/3``; ``split_refresh``'s plan for a metric larger than a replica's share."""
+        from .covariance import cholesky_inverse  # (covariance imports this module)
+
+        return self.by_columns(lambda start, n: cholesky_inverse(M, (start, n)), M.shape[-1])
+
     def gram(self, values: Sequence) -> list:
         """:meth:`mean` of ``[C, μ]``, a Gram and its mean (:func:`lnb_fast.covariance.gram`),
         ``C`` as :class:`Symmetric`."""
@@ -231,11 +258,12 @@ def check_split(split_refresh) -> bool:
     return bool(split_refresh)
 
 
-def owners(costs: Sequence[float], size: int) -> list[int]:
+def owners(costs: Sequence[float], size: int, start: float = 0.0) -> list[int]:
     """The replica that computes each of the refresh's inverses (``split_refresh``): the
     costliest first, each to the replica with the least work so far (longest processing time
-    first; within 4/3 of the best balance). ``costs``: one per inverse (``G·D³``)."""
-    load = [0.0] * size
+    first; within 4/3 of the best balance). ``costs``: one per inverse (``G·D³``); ``start``:
+    the work every replica has already (its share of the column-split inverses)."""
+    load = [start] * size
     out = [0] * len(costs)
     for i in sorted(range(len(costs)), key=lambda i: -costs[i]):
         r = min(range(size), key=load.__getitem__)
@@ -244,17 +272,29 @@ def owners(costs: Sequence[float], size: int) -> list[int]:
 
 
 def split_plan(reduce: Reducer, layouts: dict, split_refresh: bool) -> dict:
-    """``{neuron index: {"split": ...}}``: the ``split`` argument of
-    :func:`lnb_fast.covariance.covariance_direction` for each covariance neuron (``layouts``:
-    index ↦ its GramLayout), empty unless ``split_refresh`` under an axis with 2+ replicas."""
+    """``{neuron index: {"split": ...} or {"solve": ...}}``: how each covariance neuron's
+    inverse is shared out at a refresh (``layouts``: index ↦ its GramLayout), empty unless
+    ``split_refresh`` under an axis with 2+ replicas.
+
+    An inverse costs one replica ``7D³/3`` flops per group (factor and ``D`` solves). One that
+    costs more than an even share of them all (``Σ 7D³/3 / P``) would alone set the refresh's
+    time, so its columns are split among all replicas (``"solve"``,
+    :meth:`Reducer.split_inverse`: ``D³/3 + 2D³/P`` each); the others go whole to one replica
+    each (``"split"``, :meth:`Reducer.from_owner`), longest first to the least loaded
+    (:func:`owners`)."""
     if not (split_refresh and reduce and reduce.size > 1 and layouts):
         return {}
+    size = reduce.size
     keys = list(layouts)
-    costs = [layouts[k].groups * float(layouts[k].aug) ** 3 for k in keys]
-    return {
-        k: {"split": functools.partial(reduce.from_owner, r)}
-        for k, r in zip(keys, owners(costs, reduce.size), strict=True)
-    }
+    cubes = {k: layouts[k].groups * float(layouts[k].aug) ** 3 for k in keys}
+    share = sum(7 / 3 * c for c in cubes.values()) / size
+    wide = [k for k in keys if 7 / 3 * cubes[k] > share]
+    rest = [k for k in keys if k not in wide]
+    start = sum(cubes[k] * (1 / 3 + 2 / size) for k in wide)
+    plan = {k: {"solve": reduce.split_inverse} for k in wide}
+    for k, r in zip(rest, owners([7 / 3 * cubes[k] for k in rest], size, start), strict=True):
+        plan[k] = {"split": functools.partial(reduce.from_owner, r)}
+    return plan
 
 
 def covariance_reducers(reduce: Reducer, covariance_sync: str) -> dict:

@@ -307,20 +307,26 @@ def tensor_sharded(singles, vgf, params, x, y, single) -> dict:
 
 def split_work(vgf, table, params, mesh, xs, ys) -> dict:
     """Which replica inverts which metric in one refresh step, with and without
-    ``split_refresh``: ``{"split": [[replica, D], ...], "whole": [...], "owners": ...}``. Each
+    ``split_refresh``: ``{"split": [[replica, D, "whole" or "columns"], ...], "whole": [...],
+    "planned": [...]}``, the last what :func:`lnb_fast.spmd.split_plan` decides for these
+    metrics (one replica the whole inverse, or every replica its share of the columns). Each
     inversion (``lnb_fast.covariance.damped_inverse``, looked up at trace time) reports its
     replica through a ``jax.debug.callback``, which runs only where the branch holding it runs."""
+    import functools
+
     import lnb_fast.covariance as covariance
-    from lnb_fast.spmd import owners
+    from lnb_fast.spmd import split_plan
 
     original = covariance.damped_inverse
     calls: list = []
 
-    def recorded(layout, A, ridge, relative=False):
+    def recorded(layout, A, ridge, relative=False, solve=None):
+        how = "whole" if solve is None else "columns"
         jax.debug.callback(
-            lambda r, d=layout.aug: calls.append([int(r), d]), jax.lax.axis_index("data")
+            lambda r, d=layout.aug, how=how: calls.append([int(r), d, how]),
+            jax.lax.axis_index("data"),
         )
-        return original(layout, A, ridge, relative)
+        return original(layout, A, ridge, relative, solve)
 
     out = {}
     covariance.damped_inverse = recorded
@@ -350,7 +356,27 @@ def split_work(vgf, table, params, mesh, xs, ys) -> dict:
         covariance.damped_inverse = original
     dims = [layout.aug for layout in (covariance.gram_layout(n) for n in table.neurons)]
     out["dims"] = dims
-    out["owners"] = owners([float(d) ** 3 for d in dims], DEVICES)
+
+    class Replicas:  # what split_plan reads of a Reducer on DEVICES replicas
+        size = DEVICES
+
+        def __bool__(self):
+            return True
+
+        def split_inverse(self, M):
+            raise AssertionError
+
+        def from_owner(self, owner, compute, like):
+            raise AssertionError
+
+    layouts = dict(enumerate(covariance.gram_layout(n) for n in table.neurons))
+    planned = []
+    for k, how in split_plan(Replicas(), layouts, True).items():
+        if isinstance(how.get("split"), functools.partial):
+            planned.append([how["split"].args[0], dims[k], "whole"])
+        else:
+            planned += [[r, dims[k], "columns"] for r in range(DEVICES)]
+    out["planned"] = sorted(planned)
     return out
 
 

@@ -115,16 +115,19 @@ def test_a_per_replica_state_crosses_steps(eight_devices):
 
 @EIGHT
 def test_split_refresh_inverts_each_metric_once(eight_devices):
-    """``split_refresh=True``: in a refresh step each neuron's metric is inverted on exactly one
-    replica, the one :func:`lnb_fast.spmd.owners` assigns (costliest first to the least loaded:
-    with fewer neurons than replicas, each on its own); without it, on every replica. The
-    steps themselves equal one device's (``lnb-covariance/split``, ``foof/refresh+split``
-    above)."""
+    """``split_refresh=True``: in a refresh step each neuron's metric is inverted either whole
+    on exactly one replica, or, when its inverse alone costs more than an even share of the
+    refresh, by every replica for its share of the columns, as :func:`lnb_fast.spmd.split_plan`
+    planned (``tests/test_split_refresh.py`` checks the plan's choices); without it, whole on
+    every replica. The steps themselves equal one device's (``lnb-covariance/split``,
+    ``foof/refresh+split`` above)."""
     work = eight_devices["split_work"]
-    dims, owners = work["dims"], work["owners"]
-    assert len(dims) == 3 and len(set(owners)) == 3  # 3 neurons, 3 different replicas
-    assert work["split"] == sorted([r, d] for r, d in zip(owners, dims, strict=True))
-    assert work["whole"] == sorted([r, d] for r in range(8) for d in dims)
+    dims = work["dims"]
+    assert len(dims) == 3
+    kinds = {how for _, _, how in work["planned"]}
+    assert kinds == {"whole", "columns"}  # this MLP's metrics use both ways
+    assert work["split"] == work["planned"]
+    assert work["whole"] == sorted([r, d, "whole"] for r in range(8) for d in dims)
 
 
 @EIGHT
