@@ -97,8 +97,8 @@ def foof(
         axis_name: the mesh axis (or axes) the batch is split over inside ``shard_map``/``pmap``:
             the gradients and the second moments are averaged over it, as :func:`lnb_fast.lnb`.
         covariance_sync: ``"step"`` or ``"refresh"``, as :func:`lnb_fast.lnb`'s.
-        split_refresh: each inverse of a refresh computed on one replica and shared, as
-            :func:`lnb_fast.lnb`'s.
+        split_refresh: the refresh's inversions shared out among the replicas (each on one
+            replica, or a large one's columns on all), as :func:`lnb_fast.lnb`'s.
 
     Composes with optax's wrappers as :func:`lnb_fast.lnb` does (masked parameters keep their
     values; their neurons hold no matrix).

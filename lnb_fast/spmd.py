@@ -156,10 +156,12 @@ class Reducer:
         packed = Symmetric(value)
         return packed.unpack(lax.psum(packed.pack(), self.axes))
 
-    def by_columns(self, columns, d: int):
+    def by_columns(self, columns, d: int, symmetric: bool = False):
         """A ``(G, d, d)`` matrix whose columns ``columns(start, count)`` computes
         (``(G, d, count)``), each replica computing ``count = ⌈d/P⌉`` of them and one psum
-        putting them together (each replica adds its block to zeros: exact). Without axes,
+        putting them together (each replica adds its block to zeros: exact). With
+        ``symmetric``, only the upper triangle travels (``d(d + 1)/2`` entries, as
+        :meth:`from_owner` sends) and the lower one is its mirror. Without axes,
         ``columns(0, d)``. Every replica must call this (it is a collective)."""
         if not self.axes:
             return columns(0, d)
@@ -171,17 +173,23 @@ class Reducer:
             full = make_varying(full, tuple(a for a in self.axes if a not in varying_axes(full)))
             missing = tuple(a for a in self.axes if a not in varying_axes(block))
             block = make_varying(block, missing) if missing else block
-        full = lax.dynamic_update_slice_in_dim(full, block, start, axis=-1)
-        return lax.psum(full, self.axes)[..., :d]
+        full = lax.dynamic_update_slice_in_dim(full, block, start, axis=-1)[..., :d]
+        if not symmetric:
+            return lax.psum(full, self.axes)
+        packed = Symmetric(full)
+        return packed.unpack(lax.psum(packed.pack(), self.axes))
 
     def split_inverse(self, M):
         """``M⁻¹`` (``(G, d, d)``, symmetric positive definite) with its columns shared among
         the replicas (:meth:`by_columns`): every replica factors ``M`` (``d³/3`` flops) and
         solves for its ``⌈d/P⌉`` columns (``2d³/P``), instead of one replica doing all
-        ``7d³/3``; ``split_refresh``'s plan for a metric larger than a replica's share."""
+        ``7d³/3``; ``split_refresh``'s plan for a metric larger than a replica's share. The
+        inverse is symmetric, so its upper triangle is what travels (each entry ``(i, j)``,
+        ``i ≤ j``, from the replica that solved for column ``j``)."""
         from .covariance import cholesky_inverse  # (covariance imports this module)
 
-        return self.by_columns(lambda start, n: cholesky_inverse(M, (start, n)), M.shape[-1])
+        columns = lambda start, n: cholesky_inverse(M, (start, n))  # noqa: E731
+        return self.by_columns(columns, M.shape[-1], symmetric=True)
 
     def gram(self, values: Sequence) -> list:
         """:meth:`mean` of ``[C, μ]``, a Gram and its mean (:func:`lnb_fast.covariance.gram`),

@@ -242,11 +242,13 @@ def lnb(
             only on refresh steps: an EMA is linear, so the step is the same, and
             1/``refresh_every`` of the bytes; the state's ``A`` is then per replica, see
             :func:`lnb_fast.spmd.state_specs`).
-        split_refresh: with ``axis_name``, the covariance strategy's refresh computes each
-            neuron's inverse on one replica only (the costliest first, each to the least loaded
-            replica) and shares it in one all-reduce of its upper triangle: the refresh's work
-            is divided among the replicas (by up to the number of covariance neurons), for
-            the bytes of the inverses on refresh steps (docs/scaling.md). The step is the same.
+        split_refresh: with ``axis_name``, the covariance strategy's refresh shares out its
+            inversions (:func:`lnb_fast.spmd.split_plan`): a metric whose inverse costs more
+            than an even share of the refresh is factored by every replica, each solving for
+            its share of the columns; every other one is inverted on one replica only (the
+            costliest first, each to the least loaded) and shared in one all-reduce of its
+            upper triangle. The refresh's work is divided among the replicas, for the bytes
+            of the inverses on refresh steps (docs/scaling.md). The step is the same.
             False (default): every replica inverts every metric, with no communication.
 
     Python numbers are validated here (arrays, which ``inject_hyperparams`` passes, go through):
