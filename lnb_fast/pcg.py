@@ -24,8 +24,12 @@ def vdot(x, y):
     Not ``jnp.vdot``: it flattens both operands first, and flattening a weight that is sharded
     along an inner axis (a column-parallel ``(d_in, d_out)`` split over ``d_out``) makes XLA
     all-gather the whole weight. An elementwise product and a full sum keep every shard where
-    it is and all-reduce one scalar (docs/scaling.md, tensor-sharded weights)."""
-    return jnp.sum(x * y)
+    it is and all-reduce one scalar (docs/scaling.md, tensor-sharded weights). Low-precision
+    (bf16/f16) entries are multiplied and summed in float32, as ``jnp.vdot``'s dot accumulates,
+    and the result has the operands' dtype, as ``jnp.vdot``'s."""
+    dtype = jnp.result_type(x, y)
+    wide = jnp.promote_types(dtype, jnp.float32)
+    return jnp.sum(x.astype(wide) * y.astype(wide)).astype(dtype)
 
 
 def tree_vdot(a: PyTree, b: PyTree):
