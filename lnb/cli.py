@@ -82,6 +82,65 @@ def learning_rate(text: str) -> tuple[str, float]:
     return name.strip(), rate
 
 
+def optimizer_option(text: str) -> tuple[str, str, Any]:
+    """An argparse ``type=`` for ``--option OPT.KEY=VALUE``: ``(OPT, KEY, VALUE)``, VALUE read
+    as a Python literal (``0``, ``0.5``, ``True``, ``None``, ``"x"``) or else kept as a string
+    (``step_norm=paper``). Whether OPT and KEY exist is checked once the experiment is known."""
+    import ast
+
+    target, sep, raw = text.partition("=")
+    name, dot, key = target.partition(".")
+    if not (sep and dot and name.strip() and key.strip() and raw.strip()):
+        raise argparse.ArgumentTypeError(
+            f"expected OPTIMIZER.OPTION=VALUE, e.g. lnb.min_descent=0, got {text!r}"
+        )
+    try:
+        value = ast.literal_eval(raw.strip())
+    except (ValueError, SyntaxError):
+        value = raw.strip()
+    return name.strip(), key.strip(), value
+
+
+def check_options(exp, options: list) -> dict[str, dict]:
+    """``--option`` values as ``{optimizer: {keyword: value}}``, each optimizer one of the
+    experiment's and each keyword one its constructor takes; a bad value is the constructor's
+    own error, raised here as a one-line :class:`UsageError` (a dry build without the model)."""
+    import inspect
+
+    import lnb_fast
+
+    from .train import OptimizerSpec
+
+    # lnb_fast's constructors validate their Python arguments, so a bad value is caught here;
+    # optax's (adam, sgd) do not, so their options are not offered
+    builders = {
+        "lnb": lnb_fast.lnb,
+        "foof": lnb_fast.foof,
+        "locoprop-s": lnb_fast.locoprop_s,
+        "locoprop-m": lnb_fast.locoprop_m,
+        "proxprop": lnb_fast.proxprop,
+    }
+    out: dict[str, dict] = {}
+    for name, key, value in options:
+        offered = [o for o in exp.optimizers if o in builders]
+        if name not in offered:
+            raise UsageError(
+                f"--option: no options for optimizer {name!r}; choose from {', '.join(offered)}"
+            )
+        accepted = inspect.signature(builders[name]).parameters
+        if key not in accepted or key in ("learning_rate", "neurons"):
+            raise UsageError(f"--option: {name} takes no option {key!r} (see its docstring)")
+        out.setdefault(name, {})[key] = value
+    for name, given in out.items():
+        spec = exp.optimizers[name]
+        try:  # the constructor validates its Python arguments (lnb_fast: at construction)
+            OptimizerSpec(name, spec.learning_rate, spec.decay, {**spec.options, **given}).build()
+        except (ValueError, TypeError) as err:
+            if "neurons=" not in str(err):  # a strategy that needs the model's table: fine
+                raise UsageError(f"--option {name}: {err}") from None
+    return out
+
+
 positive_int = int_at_least(1)
 seed_int = int_at_least(0)
 
@@ -189,6 +248,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
                 f"--lr: unknown optimizer {name!r}; choose from {', '.join(exp.optimizers)}"
             )
         lrs[name] = rate
+    options = check_options(exp, args.option or [])
     start = time.perf_counter()
     result = run(
         args.experiment,
@@ -201,6 +261,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         n_train=args.n_train,
         n_test=args.n_test,
         learning_rates=lrs,
+        optimizer_options=options,
         target=args.target,
         model_options={"layernorm_affine": True} if args.layernorm_affine else None,
         progress=not args.quiet,
@@ -351,6 +412,14 @@ def parser() -> argparse.ArgumentParser:
         type=learning_rate,
         metavar="OPT=VALUE",
         help="override a learning rate, e.g. --lr adam=3e-3 (repeatable)",
+    )
+    rep.add_argument(
+        "--option",
+        action="append",
+        type=optimizer_option,
+        metavar="OPT.KEY=VALUE",
+        help="a keyword argument of lnb, foof, locoprop-s/m or proxprop, e.g. "
+        "--option lnb.min_descent=0 (repeatable)",
     )
     rep.add_argument(
         "--layernorm-affine",

@@ -107,6 +107,8 @@ def one_line_error(capsys, message) -> str:
         (["reproduce", "mlp", "--lr", "adam"], "argument --lr: expected OPTIMIZER=VALUE"),
         (["reproduce", "mlp", "--lr", "=0.1"], "argument --lr: expected OPTIMIZER=VALUE"),
         (["reproduce", "mlp", "--seed", "-1"], "argument --seed: must be an integer >= 0"),
+        (["reproduce", "mlp", "--option", "lnb=1"], "argument --option: expected OPTIMIZER.OPTION"),
+        (["reproduce", "mlp", "--option", "lnb.ridge"], "argument --option: expected OPTIMIZER"),
         (["demo", "--epochs", "0"], "argument --epochs: must be an integer >= 1"),
         (["check", "--problems", "-1"], "argument --problems: must be an integer >= 1"),
         (["check", "--problems", "0"], "argument --problems: must be an integer >= 1"),
@@ -127,12 +129,37 @@ def test_bad_flag_values_exit_2_with_one_line(lnb_main_stubbed, capsys, tmp_path
         (["--lr", "rmsprop=1e-3"], "--lr: unknown optimizer 'rmsprop'; choose from lnb, adam"),
         (["--batch-size", "10"], "--batch-size does not apply to matfact"),
         (["--n-train", "10", "--n-test", "5"], "--n-train, --n-test do not apply to matfact"),
+        (["--option", "rmsprop.eps=1"], "--option: no options for optimizer 'rmsprop'; choose"),
+        (["--option", "adam.b1=0.8"], "--option: no options for optimizer 'adam'; choose from"),
+        (["--option", "lnb.momentum=0.9"], "--option: lnb takes no option 'momentum'"),
+        (["--option", "lnb.neurons=None"], "--option: lnb takes no option 'neurons'"),
+        (["--option", "lnb.min_descent=-1"], "--option lnb: min_descent must lie in [0.0, 1.0]"),
+        (["--option", "lnb.step_norm=fast"], "--option lnb: step_norm must be"),
     ],
 )
 def test_flags_the_experiment_cannot_use_exit_2(lnb_main_stubbed, capsys, tmp_path, argv, message):
     argv = ["reproduce", "matfact", *argv, "--out", str(tmp_path), "--quiet"]
     assert lnb_main_stubbed(argv) == 2
     one_line_error(capsys, message)
+
+
+def test_options_reach_the_optimizer(lnb_main, monkeypatch, tmp_path):
+    """``--option lnb.min_descent=0 --option lnb.step_norm=paper``: the values, read as Python
+    literals or else strings, are merged into the experiment's LNB options and passed to the
+    runner (a stub here, which records them)."""
+    import lnb.experiments
+
+    seen = {}
+
+    def run(name, optimizers, **kwargs):
+        seen.update(kwargs["optimizer_options"])
+        raise SystemExit(0)
+
+    monkeypatch.setattr(lnb.experiments, "run", run)
+    argv = ["reproduce", "mlp", "--option", "lnb.min_descent=0", "--option", "lnb.step_norm=paper"]
+    with pytest.raises(SystemExit):
+        lnb_main([*argv, "--option", "foof.damping=0.3", "--out", str(tmp_path), "--quiet"])
+    assert seen == {"lnb": {"min_descent": 0, "step_norm": "paper"}, "foof": {"damping": 0.3}}
 
 
 def _idx(a: np.ndarray) -> bytes:
