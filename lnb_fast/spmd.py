@@ -92,6 +92,15 @@ class Reducer:
     def __bool__(self) -> bool:
         return bool(self.axes)
 
+    def _varying(self, x):
+        """``x`` typed as varying over every axis of the reduction (a no-op cast; needed under
+        ``check_vma`` where operands of one collective, or both branches of a ``cond``, must
+        vary alike). Unchanged without types."""
+        if not self.typed:
+            return x
+        missing = tuple(a for a in self.axes if a not in varying_axes(x))
+        return make_varying(x, missing) if missing else x
+
     def _needs(self, x) -> bool:
         # with types: only what varies over one of our axes (an averaged value is left alone)
         return not self.typed or bool(varying_axes(x) & set(self.axes))
@@ -108,14 +117,8 @@ class Reducer:
         picked = [i for i, x in enumerate(values) if x is not None and self._needs(x)]
         if not picked:
             return self._unpack(values, packed)
-        operands = []
-        for i in picked:
-            x = values[i]
-            if self.typed:  # varying over every axis of the mean (a no-op cast)
-                missing = tuple(a for a in self.axes if a not in varying_axes(x))
-                x = make_varying(x, missing) if missing else x
-            operands.append(x)
-        reduced = lax.pmean(tuple(operands), self.axes)
+        operands = tuple(self._varying(values[i]) for i in picked)
+        reduced = lax.pmean(operands, self.axes)
         for i, x in zip(picked, reduced, strict=True):
             values[i] = x
         return self._unpack(values, packed)
@@ -144,15 +147,10 @@ class Reducer:
         axes, ``compute()``. Every replica must call this (it is a collective)."""
         if not self.axes:
             return compute()
-
-        def varying(x):  # under check_vma both branches must vary over the axes
-            if not self.typed:
-                return x
-            missing = tuple(a for a in self.axes if a not in varying_axes(x))
-            return make_varying(x, missing) if missing else x
-
         mine = self.replica() == owner
-        value = lax.cond(mine, lambda: varying(compute()), lambda: varying(jnp.zeros_like(like)))
+        value = lax.cond(
+            mine, lambda: self._varying(compute()), lambda: self._varying(jnp.zeros_like(like))
+        )
         packed = Symmetric(value)
         return packed.unpack(lax.psum(packed.pack(), self.axes))
 
@@ -167,12 +165,8 @@ class Reducer:
             return columns(0, d)
         count = -(-d // self.size)
         start = self.replica() * count
-        block = columns(start, count)
-        full = jnp.zeros((*block.shape[:-1], count * self.size), block.dtype)
-        if self.typed:  # the zeros vary over the axes as the block does
-            full = make_varying(full, tuple(a for a in self.axes if a not in varying_axes(full)))
-            missing = tuple(a for a in self.axes if a not in varying_axes(block))
-            block = make_varying(block, missing) if missing else block
+        block = self._varying(columns(start, count))
+        full = self._varying(jnp.zeros((*block.shape[:-1], count * self.size), block.dtype))
         full = lax.dynamic_update_slice_in_dim(full, block, start, axis=-1)[..., :d]
         if not symmetric:
             return lax.psum(full, self.axes)
@@ -279,30 +273,43 @@ def owners(costs: Sequence[float], size: int, start: float = 0.0) -> list[int]:
     return out
 
 
-def split_plan(reduce: Reducer, layouts: dict, split_refresh: bool) -> dict:
-    """``{neuron index: {"split": ...} or {"solve": ...}}``: how each covariance neuron's
-    inverse is shared out at a refresh (``layouts``: index ↦ its GramLayout), empty unless
-    ``split_refresh`` under an axis with 2+ replicas.
+def refresh_plan(cubes: Sequence[float], size: int) -> list[int | None]:
+    """How a refresh's inverses are shared out among ``size`` replicas (``split_refresh``): for
+    each inverse (its ``G·D³``), the replica that computes it whole, or None when every replica
+    computes its share of the columns.
 
     An inverse costs one replica ``7D³/3`` flops per group (factor and ``D`` solves). One that
     costs more than an even share of them all (``Σ 7D³/3 / P``) would alone set the refresh's
-    time, so its columns are split among all replicas (``"solve"``,
-    :meth:`Reducer.split_inverse`: ``D³/3 + 2D³/P`` each); the others go whole to one replica
-    each (``"split"``, :meth:`Reducer.from_owner`), longest first to the least loaded
-    (:func:`owners`)."""
+    time, so its columns are split among all replicas (:meth:`Reducer.split_inverse`:
+    ``D³/3 + 2D³/P`` each); the others go whole to one replica each, longest first to the
+    least loaded (:func:`owners`)."""
+    share = sum(7 / 3 * c for c in cubes) / size
+    wide = [7 / 3 * c > share for c in cubes]
+    start = sum(c * (1 / 3 + 2 / size) for c, w in zip(cubes, wide, strict=True) if w)
+    rest = [i for i, w in enumerate(wide) if not w]
+    plan: list[int | None] = [None] * len(cubes)
+    for i, r in zip(rest, owners([7 / 3 * cubes[i] for i in rest], size, start), strict=True):
+        plan[i] = r
+    return plan
+
+
+def split_plan(reduce: Reducer, layouts: dict, split_refresh: bool) -> dict:
+    """``{neuron index: {"split": ...} or {"solve": ...}}``: the arguments of
+    :func:`lnb_fast.covariance.covariance_direction` that share out each covariance neuron's
+    inverse at a refresh as :func:`refresh_plan` decides (``layouts``: index ↦ its
+    GramLayout): ``"solve"`` (:meth:`Reducer.split_inverse`) for a column-split one,
+    ``"split"`` (:meth:`Reducer.from_owner`) for one computed whole on one replica. Empty
+    unless ``split_refresh`` under an axis with 2+ replicas."""
     if not (split_refresh and reduce and reduce.size > 1 and layouts):
         return {}
-    size = reduce.size
     keys = list(layouts)
-    cubes = {k: layouts[k].groups * float(layouts[k].aug) ** 3 for k in keys}
-    share = sum(7 / 3 * c for c in cubes.values()) / size
-    wide = [k for k in keys if 7 / 3 * cubes[k] > share]
-    rest = [k for k in keys if k not in wide]
-    start = sum(cubes[k] * (1 / 3 + 2 / size) for k in wide)
-    plan = {k: {"solve": reduce.split_inverse} for k in wide}
-    for k, r in zip(rest, owners([7 / 3 * cubes[k] for k in rest], size, start), strict=True):
-        plan[k] = {"split": functools.partial(reduce.from_owner, r)}
-    return plan
+    cubes = [layouts[k].groups * float(layouts[k].aug) ** 3 for k in keys]
+    return {
+        k: {"solve": reduce.split_inverse}
+        if r is None
+        else {"split": functools.partial(reduce.from_owner, r)}
+        for k, r in zip(keys, refresh_plan(cubes, reduce.size), strict=True)
+    }
 
 
 def covariance_reducers(reduce: Reducer, covariance_sync: str) -> dict:

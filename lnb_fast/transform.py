@@ -243,7 +243,7 @@ def lnb(
             1/``refresh_every`` of the bytes; the state's ``A`` is then per replica, see
             :func:`lnb_fast.spmd.state_specs`).
         split_refresh: with ``axis_name``, the covariance strategy's refresh shares out its
-            inversions (:func:`lnb_fast.spmd.split_plan`): a metric whose inverse costs more
+            inversions (:func:`lnb_fast.spmd.refresh_plan`): a metric whose inverse costs more
             than an even share of the refresh is factored by every replica, each solving for
             its share of the columns; every other one is inverted on one replica only (the
             costliest first, each to the least loaded) and shared in one all-reduce of its

@@ -308,14 +308,12 @@ def tensor_sharded(singles, vgf, params, x, y, single) -> dict:
 def split_work(vgf, table, params, mesh, xs, ys) -> dict:
     """Which replica inverts which metric in one refresh step, with and without
     ``split_refresh``: ``{"split": [[replica, D, "whole" or "columns"], ...], "whole": [...],
-    "planned": [...]}``, the last what :func:`lnb_fast.spmd.split_plan` decides for these
+    "planned": [...]}``, the last what :func:`lnb_fast.spmd.refresh_plan` decides for these
     metrics (one replica the whole inverse, or every replica its share of the columns). Each
     inversion (``lnb_fast.covariance.damped_inverse``, looked up at trace time) reports its
     replica through a ``jax.debug.callback``, which runs only where the branch holding it runs."""
-    import functools
-
     import lnb_fast.covariance as covariance
-    from lnb_fast.spmd import split_plan
+    from lnb_fast.spmd import refresh_plan
 
     original = covariance.damped_inverse
     calls: list = []
@@ -354,28 +352,16 @@ def split_work(vgf, table, params, mesh, xs, ys) -> dict:
             out[key] = sorted(calls)
     finally:
         covariance.damped_inverse = original
-    dims = [layout.aug for layout in (covariance.gram_layout(n) for n in table.neurons)]
+    layouts = [covariance.gram_layout(n) for n in table.neurons]
+    dims = [layout.aug for layout in layouts]
     out["dims"] = dims
-
-    class Replicas:  # what split_plan reads of a Reducer on DEVICES replicas
-        size = DEVICES
-
-        def __bool__(self):
-            return True
-
-        def split_inverse(self, M):
-            raise AssertionError
-
-        def from_owner(self, owner, compute, like):
-            raise AssertionError
-
-    layouts = dict(enumerate(covariance.gram_layout(n) for n in table.neurons))
+    cubes = [layout.groups * float(layout.aug) ** 3 for layout in layouts]
     planned = []
-    for k, how in split_plan(Replicas(), layouts, True).items():
-        if isinstance(how.get("split"), functools.partial):
-            planned.append([how["split"].args[0], dims[k], "whole"])
+    for d, owner in zip(dims, refresh_plan(cubes, DEVICES), strict=True):
+        if owner is None:
+            planned += [[r, d, "columns"] for r in range(DEVICES)]
         else:
-            planned += [[r, dims[k], "columns"] for r in range(DEVICES)]
+            planned.append([owner, d, "whole"])
     out["planned"] = sorted(planned)
     return out
 

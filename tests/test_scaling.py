@@ -117,7 +117,7 @@ def test_a_per_replica_state_crosses_steps(eight_devices):
 def test_split_refresh_inverts_each_metric_once(eight_devices):
     """``split_refresh=True``: in a refresh step each neuron's metric is inverted either whole
     on exactly one replica, or, when its inverse alone costs more than an even share of the
-    refresh, by every replica for its share of the columns, as :func:`lnb_fast.spmd.split_plan`
+    refresh, by every replica for its share of the columns, as :func:`lnb_fast.spmd.refresh_plan`
     planned (``tests/test_split_refresh.py`` checks the plan's choices); without it, whole on
     every replica. The steps themselves equal one device's (``lnb-covariance/split``,
     ``foof/refresh+split`` above)."""
