@@ -107,28 +107,20 @@ def check_options(exp, options: list) -> dict[str, dict]:
     own error, raised here as a one-line :class:`UsageError` (a dry build without the model)."""
     import inspect
 
-    import lnb_fast
+    from .train import CONSTRUCTORS, FEATURE_OPTIMIZERS, OptimizerSpec
 
-    from .train import OptimizerSpec
-
-    # lnb_fast's constructors validate their Python arguments, so a bad value is caught here;
-    # optax's (adam, sgd) do not, so their options are not offered
-    builders = {
-        "lnb": lnb_fast.lnb,
-        "foof": lnb_fast.foof,
-        "locoprop-s": lnb_fast.locoprop_s,
-        "locoprop-m": lnb_fast.locoprop_m,
-        "proxprop": lnb_fast.proxprop,
-    }
+    # the lnb_fast optimizers (FEATURE_OPTIMIZERS) validate their Python arguments when built,
+    # so a bad value is caught here; optax's (adam, sgd) do not, so theirs are not offered
+    offered = [o for o in exp.optimizers if o in FEATURE_OPTIMIZERS]
     out: dict[str, dict] = {}
     for name, key, value in options:
-        offered = [o for o in exp.optimizers if o in builders]
         if name not in offered:
             raise UsageError(
                 f"--option: no options for optimizer {name!r}; choose from {', '.join(offered)}"
             )
-        accepted = inspect.signature(builders[name]).parameters
-        if key not in accepted or key in ("learning_rate", "neurons"):
+        make, _ = CONSTRUCTORS[name]
+        accepted = list(inspect.signature(make).parameters)
+        if key not in accepted[1:] or key == "neurons":  # not the rate, not the model's table
             raise UsageError(f"--option: {name} takes no option {key!r} (see its docstring)")
         out.setdefault(name, {})[key] = value
     for name, given in out.items():

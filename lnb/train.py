@@ -38,6 +38,18 @@ OPTIMIZERS = {
 #: The optimizers that need every neuron's input features (lnb_fast.value_and_grad).
 FEATURE_OPTIMIZERS = ("lnb", "foof", "locoprop-s", "locoprop-m", "proxprop")
 
+#: Each optimizer's constructor (its learning rate first), and whether it takes the model's
+#: neuron table (``neurons=``).
+CONSTRUCTORS = {
+    "lnb": (lnb_fast.lnb, True),
+    "foof": (lnb_fast.foof, True),
+    "locoprop-s": (lnb_fast.locoprop_s, False),
+    "locoprop-m": (lnb_fast.locoprop_m, False),
+    "proxprop": (lnb_fast.proxprop, False),
+    "adam": (optax.adam, False),
+    "sgd": (optax.sgd, False),
+}
+
 
 @dataclass(frozen=True)
 class OptimizerSpec:
@@ -83,19 +95,9 @@ class OptimizerSpec:
         lr: Any = self.learning_rate
         if self.decay != 1.0:
             lr = optax.exponential_decay(self.learning_rate, steps_per_epoch, self.decay)
-        if self.name == "lnb":
-            return lnb_fast.lnb(learning_rate=lr, neurons=neurons, **self.options)
-        if self.name == "foof":
-            return lnb_fast.foof(lr, neurons=neurons, **self.options)
-        if self.name == "locoprop-s":
-            return lnb_fast.locoprop_s(lr, **self.options)
-        if self.name == "locoprop-m":
-            return lnb_fast.locoprop_m(lr, **self.options)
-        if self.name == "proxprop":
-            return lnb_fast.proxprop(lr, **self.options)
-        if self.name == "adam":
-            return optax.adam(lr, **self.options)
-        return optax.sgd(lr, **self.options)
+        make, takes_table = CONSTRUCTORS[self.name]
+        table = {"neurons": neurons} if takes_table else {}
+        return make(lr, **table, **self.options)
 
 
 def neuron_table(loss: Callable, params, batch) -> lnb_fast.NeuronTable:
