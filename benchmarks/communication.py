@@ -261,12 +261,12 @@ def measure(args) -> list[dict]:
     split, whole = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
     xs, ys = jax.device_put(x, split), jax.device_put(y, split)
     tp_mesh = jax.make_mesh((n // 2, 2), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
-    tp_specs = {  # column-parallel, row-parallel, then replicated layers
-        name: {"w": P(None, "model"), "b": P("model")}
-        if i == 0
-        else ({"w": P("model", None), "b": P()} if i == 1 else {"w": P(), "b": P()})
-        for i, name in enumerate(params)
-    }
+    column = {"w": P(None, "model"), "b": P("model")}  # split by output, with its bias
+    row = {"w": P("model", None), "b": P()}  # split by input
+    replicated = [{"w": P(), "b": P()}] * (len(params) - 2)  # the rest: the head
+    tp_specs = dict(
+        zip(params, [column, row, *replicated], strict=False)
+    )  # (a 1-layer MLP: column)
     fsdp_specs = {  # each weight's rows over data (where they divide evenly), biases whole
         name: {"w": P("data", None) if layer["w"].shape[0] % n == 0 else P(), "b": P()}
         for name, layer in params.items()
@@ -282,6 +282,20 @@ def measure(args) -> list[dict]:
         opts = optimizers(table, args.refresh_every, axis)
         if recipe == "tensor":  # the covariance strategy again, without jax.set_mesh
             opts["covariance (no set_mesh)"] = opts["covariance"]
+        if recipe in layouts:  # the parameters and the batch laid out once per recipe
+            where, specs = layouts[recipe]
+            placed = jax.device_put(
+                params,
+                jax.tree.map(
+                    lambda spec, where=where: NamedSharding(where, spec),
+                    specs,
+                    is_leaf=lambda spec: isinstance(spec, P),
+                ),
+            )
+            batch = NamedSharding(where, P("data"))
+            xs_, ys_ = jax.device_put(x, batch), jax.device_put(y, batch)
+        else:
+            placed, xs_, ys_ = jax.device_put(params, whole), xs, ys
         for name, opt in opts.items():
             if args.only and name != "adam" and name not in args.only.split(","):
                 continue
@@ -289,7 +303,6 @@ def measure(args) -> list[dict]:
             if recipe in layouts and name != "covariance (no set_mesh)":
                 context = jax.set_mesh(layouts[recipe][0])  # the context mesh: spmd.whole
             step, init = make_step(opt, vgf, axis)
-            s = jax.device_put(init(params), whole)
             if recipe == "shard_map":
                 specs = lnb_fast.state_specs(jax.eval_shape(init, params), "data")
                 s = jax.jit(jax.shard_map(init, mesh=mesh, in_specs=P(), out_specs=specs))(params)
@@ -299,23 +312,12 @@ def measure(args) -> list[dict]:
                     in_specs=(P(), specs, P("data"), P("data")),
                     out_specs=(P(), specs),
                 )
-            jitted = jax.jit(step)
-            p = jax.device_put(params, whole)
-            if recipe in layouts:
-                where, specs = layouts[recipe]
-                p = jax.device_put(
-                    params,
-                    jax.tree.map(
-                        lambda spec, where=where: NamedSharding(where, spec),
-                        specs,
-                        is_leaf=lambda spec: isinstance(spec, P),
-                    ),
-                )
-                batch = NamedSharding(where, P("data"))
-                xs_, ys_ = jax.device_put(x, batch), jax.device_put(y, batch)
-                s = init(p)  # eagerly: the state shaped like a weight is split like it
+            elif recipe in layouts:
+                s = init(placed)  # eagerly: the state shaped like a weight is split like it
             else:
-                xs_, ys_ = xs, ys
+                s = jax.device_put(init(params), whole)
+            jitted = jax.jit(step)
+            p = placed
             with context:
                 hlo = jitted.lower(p, s, xs_, ys_).compile().as_text()
                 info = summary(hlo, args.refresh_every)
