@@ -363,7 +363,8 @@ def damped_inverse(layout: GramLayout, A, ridge, relative: bool = False, solve=N
 
 
 def apply_inverse(layout: GramLayout, inverse, g):
-    """``θ̂ = g A⁻¹`` row by row, on ``(w,)``/``(w, b)`` in the user's layout.
+    """``θ̂ = g A⁻¹`` row by row (the exact solve of Eq. 11 with Eq. 12's augmented second
+    moment), on ``(w,)``/``(w, b)`` in the user's layout.
 
     With a bias, by blocks of ``A⁻¹ = [[S, u], [uᵀ, c]]`` rather than on rows ``[V, b]`` with
     the bias appended: ``θ̂_w = V S + b uᵀ``, ``θ̂_b = V u + b c``. The same products, but no
