@@ -36,6 +36,7 @@ if TYPE_CHECKING:  # the eager imports, for type checkers and IDEs
     )
     from .foof import FOOFState, foof
     from .locoprop import LocalState, locoprop_m, locoprop_s
+    from .measure import StrategyTimes, measure_strategies
     from .neuron import Neuron
     from .pcg import PCGResult, pcg
     from .plumbing import check_finite
@@ -64,6 +65,8 @@ _SOURCES = {
     "LocalState": "locoprop",
     "locoprop_m": "locoprop",
     "locoprop_s": "locoprop",
+    "StrategyTimes": "measure",
+    "measure_strategies": "measure",
     "Neuron": "neuron",
     "PCGResult": "pcg",
     "pcg": "pcg",
@@ -93,6 +96,7 @@ __all__ = [
     "PCGResult",
     "SPEED",
     "STRATEGIES",
+    "StrategyTimes",
     "StructureError",
     "ValueAndGrad",
     "check_finite",
@@ -102,6 +106,7 @@ __all__ = [
     "lnb",
     "locoprop_m",
     "locoprop_s",
+    "measure_strategies",
     "pcg",
     "proxprop",
     "scale_by_lnb",
