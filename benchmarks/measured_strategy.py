@@ -65,6 +65,7 @@ def measure(model, args, bar) -> dict[str, Any]:
         params,
         batch,
         repeats=args.measure_repeats,
+        min_gain=args.min_gain,
         print_table=not args.quiet,
         neurons=table,
     )
@@ -139,6 +140,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=10,
         help="measure_strategies' runs of each step per comparison",
     )
+    parser.add_argument(
+        "--min-gain", type=float, default=0.05, help="measure_strategies' margin for a switch"
+    )
     parser.add_argument("--out", type=Path, default=Path("results/measured_strategy.json"))
     parser.add_argument("--quiet", action="store_true", help="no progress bar or comparisons")
     parser.add_argument(
@@ -156,6 +160,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if not 0 <= args.min_gain < 1:
+        parser.error("--min-gain must be in [0, 1)")
     return args
 
 
