@@ -19,7 +19,8 @@ generator); the batch is split over a ``data`` axis of ``--devices`` simulated C
   table splits the bytes by kind of collective (a whole weight all-gathered shows as
   all-gather);
 * ``fsdp`` (not run by default): ``jit`` with every weight split by rows over ``data`` (fully
-  sharded data parallelism: the batch and the weights over the same axis), the mesh set;
+  sharded data parallelism: the batch and the weights over the same axis), the mesh set, and
+  ``auto`` and ``gram`` once more with ``whole_directions=True`` (PCG on whole vectors);
 * ``shard_map``: the step inside ``jax.shard_map`` with ``axis_name="data"``: lnb_fast's own
   ``pmean``s (:mod:`lnb_fast.spmd`), and one more row, the covariance strategy with
   ``covariance_sync="refresh"`` (each replica's EMA, averaged on refresh steps only; the state
@@ -280,6 +281,15 @@ def measure(args) -> list[dict]:
         table = vgf.table(params, x[: args.batch // n], y[: args.batch // n]) if axis else None
         table = table or vgf.table(params, x, y)
         opts = optimizers(table, args.refresh_every, axis)
+        if recipe == "fsdp":  # PCG's vectors whole: one gather of ĝ per step, not per product
+            for s in ("auto", "gram"):
+                opts[f"{s} (whole directions)"] = lnb_fast.lnb(
+                    0.01,
+                    strategy=s,
+                    neurons=table,
+                    refresh_every=args.refresh_every,
+                    whole_directions=True,
+                )
         if recipe == "tensor":  # the covariance strategy again, without jax.set_mesh
             opts["covariance (no set_mesh)"] = opts["covariance"]
         if recipe in layouts:  # the parameters and the batch laid out once per recipe

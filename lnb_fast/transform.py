@@ -87,6 +87,7 @@ from .spmd import (
     shared,
     split_plan,
     unwrapped,
+    whole,
 )
 from .strategy import check_strategy, plan, plan_active
 
@@ -154,6 +155,7 @@ def lnb(
     axis_name: str | tuple[str, ...] | None = None,
     covariance_sync: str = "step",
     split_refresh: bool = False,
+    whole_directions: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """Online Linear Neuron Boosting (Algorithm 2) as an optax transformation.
 
@@ -250,6 +252,16 @@ def lnb(
             upper triangle. The refresh's work is divided among the replicas, for the bytes
             of the inverses on refresh steps (docs/scaling.md). The step is the same.
             False (default): every replica inverts every metric, with no communication.
+        whole_directions: under ``jax.jit`` on a context mesh (``jax.set_mesh``) with weights
+            split over the batch's axis (FSDP), run the ``"gram"`` neurons' PCG (the ``auto``
+            choice for most hidden layers) on whole vectors: ĝ is gathered once per step and
+            the products ``V·C``, local once the Gram is reduced, gather nothing, where by
+            default XLA gathers the direction for every product (``cg_iterations + 1`` per
+            step). Fewer bytes, for more work and memory: every device then computes the whole
+            products (``2·d²·K`` instead of a share) and keeps the whole θ̂ in its state
+            (docs/scaling.md, FSDP). No effect without a context mesh, under ``axis_name``, or
+            on matrix-free and covariance neurons; with tensor-parallel weights it would gather
+            their shards too, so leave it off there. The step is the same.
 
     Python numbers are validated here (arrays, which ``inject_hyperparams`` passes, go through):
     a negative, NaN or infinite ``learning_rate``, ``weight_decay``, ``ridge`` or ``z0`` is a
@@ -272,6 +284,8 @@ def lnb(
     axis_tuple(axis_name)  # a clear TypeError now rather than in update
     check_sync(covariance_sync)
     check_split(split_refresh)
+    if not isinstance(whole_directions, bool):
+        raise TypeError(f"whole_directions must be True or False, got {whole_directions!r}")
     if neurons is not None and not isinstance(neurons, NeuronTable):
         raise TypeError(
             "neurons must be a lnb_fast.NeuronTable (lnb_fast.value_and_grad(loss).table(params, "
@@ -496,6 +510,14 @@ def lnb(
                 )
             else:
                 matvec = lambda v, neuron=neuron, X=X, r=gamma: neuron.metric_matvec(X, v, r)  # noqa: E731
+            if whole_directions and choice.name == "gram" and not reduce:
+                # PCG on whole vectors (a no-op without a context mesh): ĝ and the warm start
+                # are gathered once, and the products V·C, local once C is reduced, need none
+                g_j = whole(g_j)
+                x0 = whole(x0) if x0 is not None else None
+                matvec = lambda v, mv=matvec: whole(mv(whole(v)))  # noqa: E731
+                if P is not None:
+                    P = lambda v, p=P: whole(p(whole(v)))  # noqa: E731
             solve = lambda start, matvec=matvec, g=g_j, P=P: pcg(  # noqa: E731
                 matvec, g, cg_iterations, precondition=P, x0=start
             )

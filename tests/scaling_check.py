@@ -240,6 +240,9 @@ def main() -> dict:
     results["docs"] = docs_examples()
     results["errors"] = error_cases(params, x, y, vgf, mesh, xs, ys, single["lnb-auto"])
     results["split_work"] = split_work(vgf, local_table, params, mesh, xs, ys)
+    results["fsdp_whole_directions"] = fsdp_whole_directions(
+        vgf, table, params, x, y, single["lnb-gram"]
+    )
     return results
 
 
@@ -259,8 +262,6 @@ def tensor_sharded(singles, vgf, params, x, y, single) -> dict:
     {name: whether the returned parameters keep their shardings}, "gathered": [shapes of all-gathers
     whose result is a whole weight], "weights": [the sharded weights' shapes]}``, read from the
     one compiled program (every transformation's ``STEPS`` steps)."""
-    import re
-
     mesh = jax.make_mesh((DEVICES // 2, 2), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
     shardings = jax.tree.map(
         lambda s: NamedSharding(mesh, s), TENSOR_SPECS, is_leaf=lambda s: isinstance(s, P)
@@ -280,16 +281,9 @@ def tensor_sharded(singles, vgf, params, x, y, single) -> dict:
     # a layer's metric: its d_in x d_in Gram, or (d_in + 1)² augmented with the bias
     metrics = {(d, d) for layer in params for d in (params[layer]["w"].shape[0],) * 2}
     metrics |= {(d + 1, d + 1) for d, _ in metrics}
-    gathered, gathered_metrics = [], []
-    for line in compiled.as_text().splitlines():
-        op = re.search(r"=\s*(.+?)\s+all-gather(?:-start)?\(", line)
-        if op:  # the result's shape (an async start's is the last of its tuple)
-            dims = re.findall(r"\[([\d,]*)\]", op.group(1))[-1]
-            shape = tuple(int(d) for d in dims.split(",") if d and int(d) > 1)
-            if shape in weights:
-                gathered.append(list(shape))
-            if shape in metrics:
-                gathered_metrics.append(list(shape))
+    shapes = gathered_shapes(compiled.as_text())
+    gathered = [list(shape) for shape in shapes if shape in weights]
+    gathered_metrics = [list(shape) for shape in shapes if shape in metrics]
     return {
         "rel": {name: rel(got[name], single[name]) for name in JIT},
         "keeps_sharding": {  # the parameters come back split as they went in
@@ -303,6 +297,52 @@ def tensor_sharded(singles, vgf, params, x, y, single) -> dict:
         "gathered_metrics": gathered_metrics,
         "weights": sorted(list(w) for w in weights),
     }
+
+
+def gathered_shapes(hlo: str) -> list[tuple[int, ...]]:
+    """The result shape of every all-gather in a compiled program's text (an async start's is
+    the last of its tuple), without its axes of size 1."""
+    import re
+
+    shapes = []
+    for line in hlo.splitlines():
+        op = re.search(r"=\s*(.+?)\s+all-gather(?:-start)?\(", line)
+        if op:
+            dims = re.findall(r"\[([\d,]*)\]", op.group(1))[-1]
+            shapes.append(tuple(int(d) for d in dims.split(",") if d and int(d) > 1))
+    return shapes
+
+
+def fsdp_whole_directions(vgf, table, params, x, y, single) -> dict:
+    """The ``"gram"`` strategy under FSDP: every weight split by rows over a 2-device ``"data"``
+    axis (6, 10 and 12 rows), the batch too, the mesh set; with and without
+    ``whole_directions``: ``{option: {"rel": to one device's step, "weight_gathers": how many
+    all-gathers yield a whole weight (or its transpose) in the compiled steps}}``."""
+    mesh = jax.make_mesh((2,), ("data",), axis_types=(AxisType.Auto,), devices=jax.devices()[:2])
+    shardings = {
+        layer: {"w": NamedSharding(mesh, P("data", None)), "b": NamedSharding(mesh, P())}
+        for layer in params
+    }
+    batch = NamedSharding(mesh, P("data"))
+    args = (jax.device_put(params, shardings), jax.device_put(x, batch), jax.device_put(y, batch))
+    weights = {tuple(layer["w"].shape) for layer in params.values()}
+    weights |= {w[::-1] for w in weights}
+    out = {}
+    for option in (False, True):
+        opt = lnb_fast.lnb(
+            0.05,
+            strategy="gram",
+            neurons=table,
+            refresh_every=2,
+            cg_iterations=3,
+            whole_directions=option,
+        )
+        with jax.set_mesh(mesh):
+            compiled = jax.jit(make_runs({"lnb-gram": opt}, vgf)).lower(*args).compile()
+            got = compiled(*args)["lnb-gram"]
+        gathers = [s for s in gathered_shapes(compiled.as_text()) if s in weights]
+        out[str(option)] = {"rel": rel(got, single), "weight_gathers": len(gathers)}
+    return out
 
 
 def split_work(vgf, table, params, mesh, xs, ys) -> dict:

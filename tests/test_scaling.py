@@ -15,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 pytest.importorskip("jax")
@@ -108,6 +109,19 @@ def test_tensor_parallel_weights_are_never_gathered(eight_devices):
 
 
 @EIGHT
+def test_fsdp_whole_directions_gather_each_weight_once_for_the_solve(eight_devices):
+    """``whole_directions=True`` under FSDP (every weight split by rows over "data", the mesh
+    set, ``"gram"`` on every neuron, ``cg_iterations=3``): the compiled steps gather each weight
+    twice, once for the forward pass and once as ĝ for PCG (3 weights: 6 gathers), where
+    without it XLA gathers the direction for each of PCG's products as well (24 here, restart
+    branch included); both steps equal one device's (``TOL``)."""
+    fsdp = eight_devices["fsdp_whole_directions"]
+    assert fsdp["True"]["rel"] <= TOL and fsdp["False"]["rel"] <= TOL
+    assert fsdp["True"]["weight_gathers"] <= 2 * 3
+    assert fsdp["False"]["weight_gathers"] > 2 * fsdp["True"]["weight_gathers"]
+
+
+@EIGHT
 def test_a_per_replica_state_crosses_steps(eight_devices):
     """``covariance_sync="refresh"``: each replica's EMA in the state, by ``state_specs``."""
     assert eight_devices["state_specs"] <= TOL
@@ -165,6 +179,37 @@ def test_a_missing_or_wrong_axis_is_an_error(eight_devices, case, words):
     message = eight_devices["errors"][case]
     assert message.startswith("AxisError: "), message
     assert words in message, message
+
+
+def test_whole_directions_change_nothing_without_a_context_mesh():
+    """On one device (no ``jax.set_mesh``) ``whole_directions`` constrains nothing: the same
+    steps, bit for bit; a value that is not a bool is refused by name."""
+    import jax
+    import optax
+
+    import lnb_fast
+    from lnb.testing.mlp import classification_batches, mlp_loss, mlp_params
+
+    params = mlp_params(np.random.default_rng(0), (5, 7, 3))
+    (batch,) = classification_batches(1, 1, n=16, d=5, classes=3)
+    vgf = lnb_fast.value_and_grad(mlp_loss)
+    finals = []
+    for option in (False, True):
+        opt = lnb_fast.lnb(0.05, strategy="gram", whole_directions=option)
+
+        def step(p, s, opt=opt):
+            _, g, f = vgf(p, batch)
+            u, s = opt.update(g, s, p, features=f)
+            return optax.apply_updates(p, u), s
+
+        p, s = params, opt.init(params)
+        for _ in range(3):
+            p, s = jax.jit(step)(p, s)
+        finals.append(p)
+    for a, b in zip(*map(jax.tree.leaves, finals), strict=True):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(TypeError, match="whole_directions must be True or False"):
+        lnb_fast.lnb(0.05, whole_directions="yes")
 
 
 def _free_port() -> int:
