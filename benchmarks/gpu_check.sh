@@ -4,7 +4,9 @@
 #   1. installs the CUDA extras into the project's environment: jax[cuda12] at the installed JAX
 #      version, and the cupy extra (cupy-cuda12x);
 #   2. runs the CuPy tests (tests/test_xp.py: lnb_fast.xp on CuPy against lnb_ref);
-#   3. runs benchmarks/step_time.py (every strategy against Adam, means over every step);
+#   3. runs benchmarks/step_time.py (every strategy against Adam, means over every step) and
+#      benchmarks/measured_strategy.py (does timing whole steps choose other strategies than the
+#      flop model on the GPU, and is the step faster?);
 #   4. builds the peers environment (JAX 0.9.1 + CUDA, kfac-jax, psgd-jax) and runs
 #      benchmarks/peers.py on Fashion-MNIST (MLP; --models to add the CNN and the ViT);
 #   5. writes $RESULTS/summary.md: the device, the versions, each step's exit status and its tables.
@@ -77,6 +79,7 @@ if [[ $MODE == full ]]; then
   step devices "$PY" -c 'import jax, cupy; print(jax.devices()); print(cupy.cuda.runtime.getDeviceProperties(0)["name"])'
   step test-xp "$PY" -m pytest -q tests/test_xp.py
   step step-time "$PY" benchmarks/step_time.py --quiet --no-time-to-target --out "$OUT/step_time.json"
+  step measured-strategy "$PY" benchmarks/measured_strategy.py --quiet --out "$OUT/measured_strategy.json"
   step peers-env bash -c "python3 -m venv '$PEERS_VENV' && '$PEERS_VENV/bin/python' -m pip install --quiet -e '.[peers]' 'jax[cuda12]==0.9.1'"
   step peers "$PEERS_VENV/bin/python" benchmarks/peers.py --quiet --models "$MODELS" --epochs "$EPOCHS" --out "$OUT/peers.json"
 elif [[ $MODE == preinstalled ]]; then
@@ -93,6 +96,8 @@ elif [[ $MODE == preinstalled ]]; then
     --out "$OUT/step_time.json"
   step peers "$PY" benchmarks/peers.py --quiet --models "$MODELS" --epochs "$EPOCHS" \
     --methods adam,lnb,muon,psgd "${DATA_ARGS[@]}" --out "$OUT/peers.json"
+  step measured-strategy "$PY" benchmarks/measured_strategy.py --quiet --models mlp,cnn \
+    --out "$OUT/measured_strategy.json"
   step step-time-cnn-vit "$PY" benchmarks/step_time.py --quiet --no-time-to-target \
     --models cnn,vit --out "$OUT/step_time_cnn_vit.json"
   JAX_DEFAULT_MATMUL_PRECISION=highest step step-time-highest "$PY" benchmarks/step_time.py \
@@ -107,11 +112,13 @@ elif [[ $MODE == preinstalled ]]; then
 elif [[ $MODE == smoke ]]; then
   step test-xp "$PY" -m pytest -q tests/test_xp.py
   step step-time "$PY" benchmarks/step_time.py --quick --quiet --models mlp --no-time-to-target --out "$OUT/step_time.json"
+  step measured-strategy "$PY" benchmarks/measured_strategy.py --quick --quiet --models mlp --out "$OUT/measured_strategy.json"
   step peers "$PY" benchmarks/peers.py --quick --quiet --methods adam,lnb --out "$OUT/peers.json"
 else
   step install-cuda "$PY" -m pip install --quiet "jax[cuda12]==\$JAX_VERSION" -e ".[cupy]"
   step test-xp "$PY" -m pytest -q tests/test_xp.py
   step step-time "$PY" benchmarks/step_time.py --quiet --no-time-to-target --out "$OUT/step_time.json"
+  step measured-strategy "$PY" benchmarks/measured_strategy.py --quiet --out "$OUT/measured_strategy.json"
   step peers-env bash -c "python3 -m venv '$PEERS_VENV' && '$PEERS_VENV/bin/python' -m pip install -e '.[peers]' 'jax[cuda12]==0.9.1'"
   step peers "$PEERS_VENV/bin/python" benchmarks/peers.py --quiet --models "$MODELS" --epochs "$EPOCHS" --out "$OUT/peers.json"
 fi
@@ -128,7 +135,7 @@ fi
   echo "| step | status |"
   echo "|---|---|"
   printf '%s\n' "${status[@]}"
-  for md in "$OUT"/step_time*.md "$OUT/peers.md"; do
+  for md in "$OUT"/step_time*.md "$OUT/measured_strategy.md" "$OUT/peers.md"; do
     if [[ -f $md ]]; then echo; echo "## $(basename "$md")"; echo; cat "$md"; fi
   done
 } >"$SUMMARY"
