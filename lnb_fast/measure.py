@@ -110,8 +110,8 @@ def measure_strategies(
         a :class:`StrategyTimes`.
 
     Raises:
-        ValueError: ``repeats`` below 1, ``min_gain`` outside ``[0, 1)``, or ``strategy`` or
-            ``learning_rate`` among ``options``.
+        ValueError: ``repeats`` below 1, ``min_gain`` outside ``[0, 1)``, or ``strategy``,
+            ``learning_rate`` or an ``axis_name`` among ``options``.
     """
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise ValueError(f"repeats must be an integer >= 1, got {repeats!r}")
@@ -121,6 +121,11 @@ def measure_strategies(
         raise ValueError(
             "measure_strategies chooses the strategy and times any learning rate alike: pass "
             "neither `strategy` nor `learning_rate`"
+        )
+    if options.get("axis_name") is not None:
+        raise ValueError(
+            "measure_strategies times one device's jitted steps: leave axis_name out and pass "
+            "one device's shard of the batch (the collectives are not timed)"
         )
     vgf = value_and_grad(loss_fn, has_aux=has_aux)
     table = vgf.table(params, *args)

@@ -181,6 +181,7 @@ def test_neurons_without_a_design_are_left_out():
         ({"min_gain": -0.1}, r"min_gain must be in \[0, 1\)"),
         ({"strategy": "gram"}, "pass neither `strategy` nor `learning_rate`"),
         ({"learning_rate": 0.1}, "pass neither `strategy` nor `learning_rate`"),
+        ({"axis_name": "data"}, "leave axis_name out and pass one device's shard"),
     ],
 )
 def test_bad_arguments_are_named(kwargs, words):
