@@ -39,16 +39,17 @@ from step_time import (  # noqa: E402 - the models, the timed runner and the mac
     MODELS,
     QUICK_MODELS,
     Runner,
-    check_writable,
     copy_tree,
     machine,
     make_step,
+    model_names,
     pin_blas,
     summary,
+    unwritable,
+    write_results,
 )
 
 import lnb_fast  # noqa: E402
-from lnb_ref.matfact import save_json  # noqa: E402
 
 KINDS = ("adam", "lnb auto", "lnb measured")
 
@@ -152,10 +153,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.quick:
         args.batch = args.batch or 8
         args.repeats, args.warmup, args.measure_repeats = 2, 1, 2
-    args.models = [m.strip() for m in args.models.split(",") if m.strip()]
-    unknown = [m for m in args.models if m not in MODELS]
-    if unknown or not args.models:
-        parser.error(f"--models: unknown {unknown}; choose from {', '.join(MODELS)}")
+    args.models = model_names(parser, args.models)
     for name in ("batch", "repeats", "warmup", "measure_repeats"):
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -167,9 +165,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    problem = check_writable(args.out)
-    if problem:
-        print(f"error: --out {args.out}: {problem}", file=sys.stderr)
+    if unwritable(args.out):
         return 2
     pin_blas(1)
     chosen = {**MODELS, **QUICK_MODELS} if args.quick else MODELS
@@ -195,13 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         "total_s": elapsed,
         "models": rows,
     }
-    try:
-        save_json(args.out, record, indent=2)
-        args.out.with_suffix(".md").write_text(text + "\n")
-    except OSError as err:
-        print(f"error: --out {args.out}: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return write_results(args.out, record, text)
 
 
 if __name__ == "__main__":

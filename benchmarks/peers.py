@@ -63,7 +63,7 @@ import optax
 from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import step_time  # noqa: E402 - pin_blas, machine, check_writable
+import step_time  # noqa: E402 - pin_blas, machine, unwritable
 
 import lnb_fast  # noqa: E402
 from lnb import models as lnb_models  # noqa: E402
@@ -528,9 +528,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    problem = step_time.check_writable(args.out)
-    if problem:
-        print(f"error: --out {args.out}: {problem}", file=sys.stderr)
+    if step_time.unwritable(args.out):
         return 2
     step_time.pin_blas(args.blas_threads)
     if args.quick:

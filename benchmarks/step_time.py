@@ -630,6 +630,35 @@ def check_writable(path: Path) -> str | None:
     return None
 
 
+def unwritable(path: Path) -> bool:
+    """Whether ``--out path`` cannot be written, saying why in one line on stderr."""
+    problem = check_writable(path)
+    if problem:
+        print(f"error: --out {path}: {problem}", file=sys.stderr)
+    return problem is not None
+
+
+def model_names(parser: argparse.ArgumentParser, text: str) -> list[str]:
+    """``--models``' comma-separated names, each one of :data:`MODELS` (else a usage error)."""
+    names = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in names if m not in MODELS]
+    if unknown or not names:
+        parser.error(f"--models: unknown {unknown}; choose from {', '.join(MODELS)}")
+    return names
+
+
+def write_results(out: Path, record: dict, text: str) -> int:
+    """``record`` as JSON at ``out`` (written atomically) and ``text`` beside it as Markdown:
+    0, or 2 with a one-line error."""
+    try:
+        save_json(out, record, indent=2)
+        out.with_suffix(".md").write_text(text + "\n")
+    except OSError as err:
+        print(f"error: --out {out}: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", default="mlp,cnn,vit", help="comma-separated: mlp, cnn, vit")
@@ -687,10 +716,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.quick:
         args.batch = args.batch or 8
         args.repeats, args.warmup, args.max_epochs = 2, 1, 2
-    args.models = [m.strip() for m in args.models.split(",") if m.strip()]
-    unknown = [m for m in args.models if m not in MODELS]
-    if unknown or not args.models:
-        parser.error(f"--models: unknown {unknown}; choose from {', '.join(MODELS)}")
+    args.models = model_names(parser, args.models)
     for name in ("batch", "repeats"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1")
@@ -701,9 +727,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    problem = check_writable(args.out)
-    if problem:
-        print(f"error: --out {args.out}: {problem}", file=sys.stderr)
+    if unwritable(args.out):
         return 2
     pin_blas(args.blas_threads)
     start = time.perf_counter()
@@ -753,11 +777,7 @@ def main(argv: list[str] | None = None) -> int:
         "memory_layouts": memory,
         "time_to_target": {"dataset": args.dataset, "target": args.target, "results": targets},
     }
-    try:
-        save_json(args.out, record, indent=2)
-        args.out.with_suffix(".md").write_text("\n".join(text) + "\n")
-    except OSError as err:
-        print(f"error: --out {args.out}: {err}", file=sys.stderr)
+    if write_results(args.out, record, "\n".join(text)):
         return 2
     if not args.quiet:
         print(f"wrote {args.out}")

@@ -14,6 +14,7 @@ import jax.numpy as jnp  # noqa: E402
 from jax import lax  # noqa: E402
 
 import lnb_fast  # noqa: E402
+from lnb.testing.mlp import train  # noqa: E402
 from lnb.testing.tolerances import FLOAT32_RTOL, RTOL  # noqa: E402
 from lnb_fast.errors import DiscoveryError, NonFiniteError, StructureError  # noqa: E402
 
@@ -321,22 +322,6 @@ def mlp_problem(dtype=None, n=64):
     y = jnp.asarray(rng.integers(0, 4, size=n))
     params, loss = plain_mlp((8, 16, 4), dtype)
     return params, loss, (x, y)
-
-
-def train(opt, params, loss, batch, steps):
-    vgf = lnb_fast.value_and_grad(loss)
-
-    @jax.jit
-    def step(params, state):
-        value, grads, feats = vgf(params, batch)
-        updates, state = opt.update(grads, state, params, features=feats)
-        return optax.apply_updates(params, updates), state, value
-
-    state, values = opt.init(params), []
-    for _ in range(steps):
-        params, state, value = step(params, state)
-        values.append(float(value))
-    return params, state, values
 
 
 @pytest.mark.x64  # compares at float64 rounding

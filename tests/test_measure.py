@@ -16,7 +16,7 @@ import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 
 import lnb_fast  # noqa: E402
-from lnb.testing.mlp import classification_batches, mlp_loss, mlp_params  # noqa: E402
+from lnb.testing.mlp import classification_batches, mlp_loss, mlp_params, train  # noqa: E402
 from lnb.testing.tolerances import FLOAT32_ATOL, FLOAT32_RTOL  # noqa: E402
 from lnb_fast.strategy import plan  # noqa: E402
 
@@ -127,21 +127,10 @@ def test_the_measured_strategy_takes_the_same_step():
         mlp_loss, params, batch, repeats=1, timer=additive(COSTS), print_table=False
     ).strategy
     assert set(mixed.values()) == {"gram", "matrix-free"}
-    vgf = lnb_fast.value_and_grad(mlp_loss)
-    finals = []
-    for strategy in (mixed, "gram", "matrix-free"):
-        opt = lnb_fast.lnb(0.05, strategy=strategy)
-
-        @jax.jit
-        def step(p, s, opt=opt):
-            _, g, f = vgf(p, batch)
-            u, s = opt.update(g, s, p, features=f)
-            return optax.apply_updates(p, u), s
-
-        p, s = params, opt.init(params)
-        for _ in range(10):
-            p, s = step(p, s)
-        finals.append(p)
+    finals = [
+        train(lnb_fast.lnb(0.05, strategy=strategy), params, mlp_loss, batch, 10)[0]
+        for strategy in (mixed, "gram", "matrix-free")
+    ]
     moved = max(
         float(jnp.max(jnp.abs(a - b)))
         for a, b in zip(jax.tree.leaves(finals[0]), jax.tree.leaves(params), strict=True)

@@ -185,27 +185,18 @@ def test_whole_directions_change_nothing_without_a_context_mesh():
     """On one device (no ``jax.set_mesh``) ``whole_directions`` constrains nothing: the same
     steps, bit for bit; a value that is not a bool is refused by name."""
     import jax
-    import optax
 
     import lnb_fast
-    from lnb.testing.mlp import classification_batches, mlp_loss, mlp_params
+    from lnb.testing.mlp import classification_batches, mlp_loss, mlp_params, train
 
     params = mlp_params(np.random.default_rng(0), (5, 7, 3))
     (batch,) = classification_batches(1, 1, n=16, d=5, classes=3)
-    vgf = lnb_fast.value_and_grad(mlp_loss)
-    finals = []
-    for option in (False, True):
-        opt = lnb_fast.lnb(0.05, strategy="gram", whole_directions=option)
-
-        def step(p, s, opt=opt):
-            _, g, f = vgf(p, batch)
-            u, s = opt.update(g, s, p, features=f)
-            return optax.apply_updates(p, u), s
-
-        p, s = params, opt.init(params)
-        for _ in range(3):
-            p, s = jax.jit(step)(p, s)
-        finals.append(p)
+    finals = [
+        train(
+            lnb_fast.lnb(0.05, strategy="gram", whole_directions=option), params, mlp_loss, batch, 3
+        )[0]
+        for option in (False, True)
+    ]
     for a, b in zip(*map(jax.tree.leaves, finals), strict=True):
         np.testing.assert_array_equal(a, b)
     with pytest.raises(TypeError, match="whole_directions must be True or False"):

@@ -52,6 +52,27 @@ def classification_batches(seed: int, count: int, n: int, d: int, classes: int, 
     ]
 
 
+def train(opt, params, loss, batch, steps: int):
+    """``steps`` jitted LNB-style steps of ``opt`` (an lnb_fast transformation, fed the features
+    of :func:`lnb_fast.value_and_grad`) on ``loss(params, batch)``, one fixed batch:
+    ``(params, state, [loss before each step])``."""
+    import lnb_fast
+
+    vgf = lnb_fast.value_and_grad(loss)
+
+    @jax.jit
+    def step(params, state):
+        value, grads, feats = vgf(params, batch)
+        updates, state = opt.update(grads, state, params, features=feats)
+        return optax.apply_updates(params, updates), state, value
+
+    state, values = opt.init(params), []
+    for _ in range(steps):
+        params, state, value = step(params, state)
+        values.append(float(value))
+    return params, state, values
+
+
 def save_restore(state, path):
     """``state`` saved to ``path`` and restored, through orbax when it is installed (the `dev`
     extra), else pickle of host copies."""
