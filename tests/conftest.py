@@ -74,8 +74,7 @@ os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
 #   tests/test_optax_composition.py 185 -> 119 s, tests/scaling_check.py 87 -> 56 s);
 # * XLA:CPU's older elemental emitters instead of its MLIR fusion emitters, which spend more time
 #   compiling each small fusion: the suite's CPU time 12 min 20 s -> 8 min 31 s on 2 workers
-#   (cold compilation cache; docs/testing.md, "Time"); the results differ from the fusion
-#   emitters' by rounding only (2e-16 relative in float64 on tests/scaling_check.py's steps).
+#   (cold compilation cache; docs/testing.md, "Time").
 # Through the environment, so the processes the tests start (the CLI, the scaling checks) compile
 # alike; a notebook kernel that times steps gets XLA's defaults back (tests/test_notebooks.py).
 # A flag the environment already sets is left as set; LNB_XLA_FAST_COMPILE=0 adds neither.
