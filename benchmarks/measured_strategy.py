@@ -68,6 +68,7 @@ def measure(model, args, bar) -> dict[str, Any]:
         repeats=args.measure_repeats,
         min_gain=args.min_gain,
         print_table=not args.quiet,
+        progress=not args.quiet,
         neurons=table,
     )
     measuring_s = time.perf_counter() - start

@@ -56,7 +56,13 @@ def test_the_fastest_combination_is_found_one_neuron_at_a_time():
     params, batch = problem()
     calls = []
     got = lnb_fast.measure_strategies(
-        mlp_loss, params, batch, repeats=3, timer=additive(COSTS, calls), print_table=False
+        mlp_loss,
+        params,
+        batch,
+        repeats=3,
+        timer=additive(COSTS, calls),
+        print_table=False,
+        progress=False,
     )
     combos = [
         dict(zip(PATHS, c, strict=True)) for c in itertools.product(*[COSTS[p] for p in PATHS])
@@ -91,7 +97,7 @@ def test_a_switch_is_kept_only_when_it_gains_more_than_min_gain(gain, kept):
     costs = {p: {"gram": 0.0, "matrix-free": 0.0} for p in PATHS}
     costs[PATHS[0]] = {auto[PATHS[0]]: 1.0, other: 1.0 - gain}
     got = lnb_fast.measure_strategies(
-        mlp_loss, params, batch, repeats=1, timer=additive(costs), print_table=False
+        mlp_loss, params, batch, repeats=1, timer=additive(costs), print_table=False, progress=False
     )
     assert (got.strategy[PATHS[0]] == other) == kept
     assert [k for *_, k in got.trials[1:]] == [kept, False, False]
@@ -114,7 +120,7 @@ def test_the_median_of_the_repeats_decides():
         return additive(costs)(strategy, run)
 
     got = lnb_fast.measure_strategies(
-        mlp_loss, params, batch, repeats=3, timer=timer, print_table=False
+        mlp_loss, params, batch, repeats=3, timer=timer, print_table=False, progress=False
     )
     assert spiked and got.strategy[PATHS[0]] == other
 
@@ -124,7 +130,7 @@ def test_the_measured_strategy_takes_the_same_step():
     mixed) strategy equals both pure ones' to float32 rounding (10 steps; FLOAT32_RTOL)."""
     params, batch = problem()
     mixed = lnb_fast.measure_strategies(
-        mlp_loss, params, batch, repeats=1, timer=additive(COSTS), print_table=False
+        mlp_loss, params, batch, repeats=1, timer=additive(COSTS), print_table=False, progress=False
     ).strategy
     assert set(mixed.values()) == {"gram", "matrix-free"}
     finals = [
@@ -154,7 +160,7 @@ def test_neurons_without_a_design_are_left_out():
     params = {"w": params[0]["w"][:, :3], "b": params[0]["b"][:3], "s": jnp.ones(3)}
     costs = {"['w']": {"gram": 1.0, "matrix-free": 2.0}}
     got = lnb_fast.measure_strategies(
-        loss, params, batch, repeats=1, timer=additive(costs), print_table=False
+        loss, params, batch, repeats=1, timer=additive(costs), print_table=False, progress=False
     )
     rows = lnb_fast.describe(loss, params, batch, print_table=False)
     assert {r["parameter"]: r["neuron"] for r in rows}["['s']"] == "scale weight"
@@ -176,17 +182,20 @@ def test_neurons_without_a_design_are_left_out():
 def test_bad_arguments_are_named(kwargs, words):
     params, batch = problem()
     with pytest.raises(ValueError, match=words):
-        lnb_fast.measure_strategies(mlp_loss, params, batch, print_table=False, **kwargs)
+        lnb_fast.measure_strategies(
+            mlp_loss, params, batch, print_table=False, progress=False, **kwargs
+        )
 
 
-def test_the_table_prints_each_comparison_and_the_choice(capsys):
+def test_the_table_and_the_progress_bar_are_printed(capsys):
     params, batch = problem()
     costs = {p: {k: v * 1e-3 for k, v in c.items()} for p, c in COSTS.items()}
     got = lnb_fast.measure_strategies(mlp_loss, params, batch, repeats=1, timer=additive(costs))
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
     for path, tried, *_ in got.trials[1:]:
-        assert f"| {path} | {tried} |" in out
-    assert f"measured choice {1e3 * got.seconds:.3f} ms" in out
+        assert f"| {path} | {tried} |" in captured.out
+    assert f"measured choice {1e3 * got.seconds:.3f} ms" in captured.out
+    assert "measuring strategies" in captured.err and "4/4" in captured.err  # the progress bar
 
 
 def test_benchmark_quick_run_writes_its_record(tmp_path):
