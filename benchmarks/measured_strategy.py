@@ -40,6 +40,7 @@ from step_time import (  # noqa: E402 - the models, the timed runner and the mac
     QUICK_MODELS,
     Runner,
     copy_tree,
+    interleaved,
     machine,
     make_step,
     model_names,
@@ -87,14 +88,7 @@ def measure(model, args, bar) -> dict[str, Any]:
         state = opt.init(params)
         step = make_step(model.loss, opt, features).lower(params, state, batch).compile()
         runners[kind] = Runner(step, copy_tree(params), copy_tree(state), batch)
-    for run in runners.values():
-        for _ in range(args.warmup):
-            run()
-    seconds: dict[str, list[float]] = {kind: [] for kind in KINDS}
-    for round_ in range(args.repeats):
-        for kind in KINDS if round_ % 2 == 0 else KINDS[::-1]:
-            seconds[kind].append(runners[kind]())
-        bar.update()
+    _, seconds = interleaved(runners, KINDS, args.repeats, args.warmup, bar)
     stats = {kind: summary(s) for kind, s in seconds.items()}
     adam = stats["adam"]
     return {

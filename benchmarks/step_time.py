@@ -418,18 +418,27 @@ def summary(seconds: list[float]) -> dict[str, float]:
     }
 
 
+def interleaved(
+    timed: dict[str, Runner], order, repeats: int, warmup: int, bar: tqdm
+) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """Call every function ``warmup`` times (compilation included, not timed: their summed
+    seconds are returned), then, in each of ``repeats`` rounds, each once, timed, in ``order``
+    on even rounds and reversed on odd ones, so that machine noise falls on all alike:
+    ``(warm-up seconds, {kind: [seconds per round]})``."""
+    warm = {kind: sum(run() for _ in range(warmup)) for kind, run in timed.items()}
+    seconds: dict[str, list[float]] = {kind: [] for kind in order}
+    for round_ in range(repeats):
+        for kind in order if round_ % 2 == 0 else order[::-1]:
+            seconds[kind].append(timed[kind]())
+        bar.update()
+    return warm, seconds
+
+
 def measure(model: Model, args: argparse.Namespace, bar: tqdm) -> dict[str, Any]:
     """Warm up, then time every function once per round, alternating the order."""
     batch_size = args.batch or model.batch
     timed, sizes = runners(model, batch_size)
-    compile_s = {}
-    for kind, run in timed.items():
-        compile_s[kind] = sum(run() for _ in range(args.warmup))
-    seconds: dict[str, list[float]] = {kind: [] for kind in KINDS}
-    for round_ in range(args.repeats):
-        for kind in KINDS if round_ % 2 == 0 else KINDS[::-1]:
-            seconds[kind].append(timed[kind]())
-        bar.update()
+    compile_s, seconds = interleaved(timed, KINDS, args.repeats, args.warmup, bar)
     times = {kind: summary(s) for kind, s in seconds.items()}
     mean = {kind: t["mean_ms"] for kind, t in times.items()}
     median = {kind: t["median_ms"] for kind, t in times.items()}
