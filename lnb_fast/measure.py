@@ -133,9 +133,8 @@ def measure_strategies(
         )
     vgf = value_and_grad(loss_fn, has_aux=has_aux)
     table = vgf.table(params, *args)
-    k = options.get("cg_iterations")
-    kw = {"cg_iterations": 2 if k is None else k, "refresh_every": options.get("refresh_every", 10)}
-    choices = plan(table, "auto", **kw)
+    k = options.get("cg_iterations")  # the one option auto's gram/matrix-free choice reads
+    choices = plan(table, "auto", cg_iterations=2 if k is None else k)
     auto = {n.weight_path: c.name for n, c in zip(table.neurons, choices, strict=True) if c.flops}
     lnb_options = {"neurons": table, **options}
 
