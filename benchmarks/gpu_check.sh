@@ -21,10 +21,13 @@
 # CuPy, optax, pytest, hypothesis, equinox and flax (as the GPUs lent to this project do). It
 # installs nothing but the wheels in .whl/ (if any, e.g. psgd-jax) into /tmp/site, skips K-FAC
 # (kfac-jax 0.0.8 needs JAX <= 0.9.1), and adds: benchmarks/matmul_precision.py (TF32 on the
-# metric), step_time.py again at JAX_DEFAULT_MATMUL_PRECISION=highest, and the float32 GPU run of
+# metric), benchmarks/conv_f64.py (float64 convolutions under jit), the MLP's step time at batch
+# 8000, step_time.py again at JAX_DEFAULT_MATMUL_PRECISION=highest, and the float32 GPU run of
 # the tests that exercise lnb_fast. Each step has a time limit (STEP_TIMEOUT, default 150 s; the
 # tests TESTS_TIMEOUT, default 240 s, on TEST_WORKERS processes, default 14). It took 7 minutes on
-# an H200 (benchmarks/gpu_h200.md).
+# an H200 before the conv-f64 and batch-8000 steps were added (benchmarks/gpu_h200.md); their
+# runs there took 10 s and 53 s. MEASURED_MODELS (mlp,cnn) picks measured_strategy.py's models:
+# the ViT's measurement took 3.5 minutes there, so it has its own call with STEP_TIMEOUT=240.
 #
 # Environment: PY (default .venv/bin/python; python3 with --preinstalled), PEERS_VENV (.venv-kfac),
 # RESULTS (results/gpu_check), MODELS (mlp), EPOCHS (5), DATA_PATH (Fashion-MNIST's IDX files;
@@ -92,12 +95,15 @@ elif [[ $MODE == preinstalled ]]; then
   step devices "$PY" -c 'import jax, cupy, optax; print(jax.__version__, optax.__version__, jax.devices()); print(cupy.__version__, cupy.cuda.runtime.getDeviceProperties(0)["name"])'
   step test-xp "$PY" -m pytest -q -p no:cacheprovider tests/test_xp.py
   step precision "$PY" benchmarks/matmul_precision.py --out "$OUT/matmul_precision.json"
+  step conv-f64 "$PY" benchmarks/conv_f64.py --out "$OUT/conv_f64.json"
   step step-time "$PY" benchmarks/step_time.py --quiet --no-time-to-target --models mlp \
     --out "$OUT/step_time.json"
   step peers "$PY" benchmarks/peers.py --quiet --models "$MODELS" --epochs "$EPOCHS" \
     --methods adam,lnb,muon,psgd "${DATA_ARGS[@]}" --out "$OUT/peers.json"
-  step measured-strategy "$PY" benchmarks/measured_strategy.py --quiet --models mlp,cnn \
-    --out "$OUT/measured_strategy.json"
+  step measured-strategy "$PY" benchmarks/measured_strategy.py --quiet \
+    --models "${MEASURED_MODELS:-mlp,cnn}" --out "$OUT/measured_strategy.json"
+  step step-time-b8000 "$PY" benchmarks/step_time.py --quiet --no-time-to-target --models mlp \
+    --batch 8000 --repeats 50 --out "$OUT/step_time_b8000.json"
   step step-time-cnn-vit "$PY" benchmarks/step_time.py --quiet --no-time-to-target \
     --models cnn,vit --out "$OUT/step_time_cnn_vit.json"
   JAX_DEFAULT_MATMUL_PRECISION=highest step step-time-highest "$PY" benchmarks/step_time.py \
@@ -135,7 +141,7 @@ fi
   echo "| step | status |"
   echo "|---|---|"
   printf '%s\n' "${status[@]}"
-  for md in "$OUT"/step_time*.md "$OUT/measured_strategy.md" "$OUT/peers.md"; do
+  for md in "$OUT"/step_time*.md "$OUT/measured_strategy.md" "$OUT/peers.md" "$OUT/conv_f64.md"; do
     if [[ -f $md ]]; then echo; echo "## $(basename "$md")"; echo; cat "$md"; fi
   done
 } >"$SUMMARY"
