@@ -70,7 +70,6 @@ from lnb import models as lnb_models  # noqa: E402
 from lnb.data import Dataset  # noqa: E402
 from lnb.experiments import LNB_OPTIONS  # noqa: E402
 from lnb.train import make_step  # noqa: E402
-from lnb_ref.matfact import save_json  # noqa: E402
 
 METHODS = ("adam", "lnb", "kfac", "muon", "psgd")
 EXTRA_METHODS = ("lnb-auto", "lnb-refresh50")
@@ -556,12 +555,6 @@ def main(argv=None) -> int:
         ]
         for method, why in row["skipped"].items():
             text.append(f"\nskipped {method}: {why}")
-        figure(
-            args.out.parent / f"{args.out.stem}_{row['name']}.png",
-            row["model"],
-            row["results"],
-            args,
-        )
     print("\n".join(text))
     record = {
         "command": " ".join([sys.executable, *sys.argv]),
@@ -570,8 +563,17 @@ def main(argv=None) -> int:
         "total_s": elapsed,
         "models": rows,
     }
-    save_json(args.out, record, indent=2)
-    args.out.with_suffix(".md").write_text("\n".join(text) + "\n")
+    # the results first (atomic JSON, then Markdown), the figures after: a figure that cannot be
+    # saved costs the figure, not the run's numbers
+    if step_time.write_results(args.out, record, "\n".join(text)):
+        return 2
+    for row in rows:
+        path = args.out.parent / f"{args.out.stem}_{row['name']}.png"
+        try:
+            figure(path, row["model"], row["results"], args)
+        except OSError as err:
+            print(f"error: figure {path}: {err}", file=sys.stderr)
+            return 2
     if not args.quiet:
         print(f"wrote {args.out}")
     return 0

@@ -41,3 +41,22 @@ def test_quick_run_writes_the_comparison(tmp_path):
     assert results["lnb SPEED ε 0.3"]["memory"] > 1
     assert "| lnb SPEED ε 0.3 |" in out.with_suffix(".md").read_text()
     assert (tmp_path / "peers_mlp.png").stat().st_size > 0
+
+
+def test_a_figure_that_cannot_be_saved_is_one_line_and_the_numbers_are_kept(
+    tmp_path, monkeypatch, capsys
+):
+    """A path that passes the writability check and still fails later (root on /proc, a full
+    disk) ends in a one-line error and exit 2, with the JSON and Markdown already written."""
+    bench = benchmark_module("peers")
+
+    def full_disk(path, *args):
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr(bench, "figure", full_disk)
+    out = tmp_path / "peers.json"
+    assert bench.main(["--quick", "--quiet", "--methods", "adam,lnb", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: figure") and "No space left" in err and "\n" not in err
+    assert json.loads(out.read_text())["models"][0]["model"]
+    assert out.with_suffix(".md").is_file()
