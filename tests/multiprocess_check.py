@@ -6,18 +6,23 @@
 Each process owns one CPU device and its shard of the batch (``make_array_from_process_local_
 data``); the mesh spans the processes' devices, CPU collectives go through gloo. It runs the
 steps of ``tests/scaling_check.py``'s transformations under ``shard_map`` (``axis_name="data"``)
-and under ``jax.jit`` with the batch sharded, and prints, as JSON, the largest relative
-difference of the parameters from the single-process step on the global batch (computed by
-every process on its own device). The same code runs on a multi-host GPU/TPU cluster, where
-``jax.distributed.initialize()`` reads the coordinator from the cluster's environment.
+and under ``jax.jit`` with the batch sharded, and prints, as JSON, a digest of the parameters
+each run left on this process (the test asserts the processes agree bit for bit) and, from
+process 0, the largest relative difference of the parameters from the single-process step on
+the global batch, which process 0 computes on its own device after the distributed runs (the
+other processes need not repeat it: their parameters are the same bits). The same code runs on
+a multi-host GPU/TPU cluster, where ``jax.distributed.initialize()`` reads the coordinator from
+the cluster's environment.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 
 import jax
+import numpy as np
 
 jax.config.update("jax_enable_x64", True)
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -30,7 +35,6 @@ def main(port: int, process_id: int, num_processes: int) -> dict:
         process_id=process_id,
         initialization_timeout=60,
     )
-    import numpy as np
     from jax.sharding import AxisType, NamedSharding
     from jax.sharding import PartitionSpec as P
 
@@ -50,38 +54,51 @@ def main(port: int, process_id: int, num_processes: int) -> dict:
     vgf = lnb_fast.value_and_grad(loss_fn)
     local = BATCH // num_processes
     rows = slice(process_id * local, (process_id + 1) * local)
-
-    # the single-process reference, on this process's own device (no collective)
-    here = jax.local_devices()[0]
     table = vgf.table(params, x, y)
     # every transformation under shard_map, and those without an axis-only option under jit
     singles = transformations(table)
     names = tuple(singles)
-    single = jax.jit(make_runs(singles, vgf))(*jax.device_put((params, x, y), here))
 
     mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(AxisType.Auto,))
     split = NamedSharding(mesh, P("data"))
     xs, ys = (jax.make_array_from_process_local_data(split, np.asarray(a)[rows]) for a in (x, y))
     replicated = jax.device_put(params, NamedSharding(mesh, P()))
-    out = {}
+    mine = {}
 
     # (b) shard_map over the processes' devices, axis_name="data"
     local_table = vgf.table(params, x[rows], y[rows])
     sharded = transformations(local_table, "data")
     got = on_batch_axis(make_runs(sharded, vgf), mesh)(replicated, xs, ys)
     for name in names:
-        mine = jax.tree.map(lambda a: np.asarray(a.addressable_data(0)), got[name])
-        out[f"{name} shard_map"] = rel(mine, single[name])
+        mine[f"{name} shard_map"] = jax.tree.map(
+            lambda a: np.asarray(a.addressable_data(0)), got[name]
+        )
 
     # (a) jit with the batch sharded across the processes
     got = jax.jit(make_runs({k: singles[k] for k in JIT}, vgf))(replicated, xs, ys)
     for name in JIT:
-        mine = jax.tree.map(lambda a: np.asarray(a.addressable_data(0)), got[name])
-        out[f"{name} jit"] = rel(mine, single[name])
-    out["devices"] = jax.device_count()
-    out["processes"] = jax.process_count()
+        mine[f"{name} jit"] = jax.tree.map(lambda a: np.asarray(a.addressable_data(0)), got[name])
+    out = {
+        "devices": jax.device_count(),
+        "processes": jax.process_count(),
+        "digest": {key: digest(tree) for key, tree in mine.items()},
+    }
+    if process_id == 0:
+        # the single-process reference on the global batch, on this process's own device (no
+        # collective): computed once, as every process holds the same parameters (the digests)
+        here = jax.local_devices()[0]
+        single = jax.jit(make_runs(singles, vgf))(*jax.device_put((params, x, y), here))
+        out["rel"] = {key: rel(tree, single[key.rsplit(" ", 1)[0]]) for key, tree in mine.items()}
     jax.distributed.shutdown()
     return out
+
+
+def digest(tree) -> str:
+    """SHA-256 of a PyTree's leaves' bytes, in leaf order: equal digests, equal bits."""
+    h = hashlib.sha256()
+    for leaf in jax.tree.leaves(tree):
+        h.update(np.ascontiguousarray(leaf).tobytes())
+    return h.hexdigest()
 
 
 if __name__ == "__main__":
