@@ -39,6 +39,7 @@ from step_time import (  # noqa: E402 - the models, the timed runner and the mac
     MODELS,
     QUICK_MODELS,
     Runner,
+    at_least_one,
     copy_tree,
     interleaved,
     machine,
@@ -149,10 +150,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.batch = args.batch or 8
         args.repeats, args.warmup, args.measure_repeats = 2, 1, 2
     args.models = model_names(parser, args.models)
-    for name in ("batch", "repeats", "warmup", "measure_repeats"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    at_least_one(parser, args, ("batch", "repeats", "warmup", "measure_repeats"))
     if not 0 <= args.min_gain < 1:
         parser.error("--min-gain must be in [0, 1)")
     return args

@@ -647,6 +647,15 @@ def unwritable(path: Path) -> bool:
     return problem is not None
 
 
+def at_least_one(parser: argparse.ArgumentParser, args: argparse.Namespace, names) -> None:
+    """A usage error naming the first of ``names`` (attributes of ``args``; ``None`` is unset)
+    whose value is below 1."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+
+
 def model_names(parser: argparse.ArgumentParser, text: str) -> list[str]:
     """``--models``' comma-separated names, each one of :data:`MODELS` (else a usage error)."""
     names = [m.strip() for m in text.split(",") if m.strip()]
@@ -726,9 +735,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.batch = args.batch or 8
         args.repeats, args.warmup, args.max_epochs = 2, 1, 2
     args.models = model_names(parser, args.models)
-    for name in ("batch", "repeats"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            parser.error(f"--{name} must be >= 1")
+    at_least_one(parser, args, ("batch", "repeats"))
     if args.warmup < 1:
         parser.error("--warmup must be >= 1 (the first call compiles)")
     return args
