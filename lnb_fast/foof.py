@@ -47,7 +47,7 @@ from .plumbing import (
 from .spmd import (
     axis_tuple,
     check_axes,
-    check_split,
+    check_flag,
     check_sync,
     covariance_reducers,
     covariance_state,
@@ -116,7 +116,7 @@ def foof(
     nonfinite = nonfinite_option(nonfinite)
     axis_tuple(axis_name)
     check_sync(covariance_sync)
-    check_split(split_refresh)
+    check_flag(split_refresh, "split_refresh")
     schedule, rate_label = schedule_of(learning_rate)
 
     def design_layouts(active):

@@ -254,10 +254,12 @@ def check_sync(covariance_sync: str) -> str:
     return covariance_sync
 
 
-def check_split(split_refresh) -> bool:
-    if not isinstance(split_refresh, (bool, np.bool_)):
-        raise TypeError(f"split_refresh must be True or False, got {split_refresh!r}")
-    return bool(split_refresh)
+def check_flag(value, name: str) -> bool:
+    """A constructor's on/off option (``split_refresh``, ``whole_directions``) as a bool: a
+    ``TypeError`` naming it for anything but True or False (NumPy's bools included)."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
 
 
 def owners(costs: Sequence[float], size: int, start: float = 0.0) -> list[int]:

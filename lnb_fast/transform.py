@@ -80,7 +80,7 @@ from .spmd import (
     Symmetric,
     axis_tuple,
     check_axes,
-    check_split,
+    check_flag,
     check_sync,
     covariance_reducers,
     covariance_state,
@@ -283,9 +283,8 @@ def lnb(
     check_strategy(strategy)
     axis_tuple(axis_name)  # a clear TypeError now rather than in update
     check_sync(covariance_sync)
-    check_split(split_refresh)
-    if not isinstance(whole_directions, bool):
-        raise TypeError(f"whole_directions must be True or False, got {whole_directions!r}")
+    check_flag(split_refresh, "split_refresh")
+    check_flag(whole_directions, "whole_directions")
     if neurons is not None and not isinstance(neurons, NeuronTable):
         raise TypeError(
             "neurons must be a lnb_fast.NeuronTable (lnb_fast.value_and_grad(loss).table(params, "
