@@ -65,29 +65,54 @@ if JAX_CACHE:
 # Full-precision float32 products on GPUs too (see the module docstring); before JAX is imported.
 os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
 
-# Two XLA compile options for the suite, which runs each program a few times on tiny arrays, so
-# that compiling is its time. Neither changes what a program computes or in which dtype; every
+# Three XLA compile options for the suite, which runs each program a few times on tiny arrays,
+# so that compiling is its time. None changes what a program computes or in which dtype; every
 # comparison is against a tolerance or between programs compiled alike, and every float32 and
-# 1e-9 tolerance holds under them (the suite passed with both, with the first alone, and with
-# neither before the first was added).
+# 1e-9 tolerance holds under them (the suite passed with all three, with the first two, with the
+# first alone, and with none before the first was added).
 # * the backend's (LLVM's) optimisation off: compiles about a third faster (measured, CPU time:
 #   tests/test_optax_composition.py 185 -> 119 s, tests/scaling_check.py 87 -> 56 s);
 # * XLA:CPU's older elemental emitters instead of its MLIR fusion emitters, which spend more time
 #   compiling each small fusion: the suite's CPU time 12 min 20 s -> 8 min 31 s on 2 workers
-#   (cold compilation cache; docs/testing.md, "Time").
+#   (cold compilation cache; docs/testing.md, "Time");
+# * the LLVM module compiled whole instead of split in 32 parts for a thread pool: on 2 cores
+#   that both workers keep busy the split only adds work (compile time of
+#   tests/test_optax_composition.py + tests/test_models.py 26.1 -> 23.4 s, the suite's wall
+#   time 4 min 38 s -> 4 min 13 s, cold cache; docs/testing.md, "Time").
 # Through the environment, so the processes the tests start (the CLI, the scaling checks) compile
-# alike; a notebook kernel that times steps gets XLA's defaults back (tests/test_notebooks.py).
-# A flag the environment already sets is left as set; LNB_XLA_FAST_COMPILE=0 adds neither.
+# alike; a notebook kernel that times steps gets XLA's defaults back (tests/test_notebooks.py),
+# and a test whose time is running one long loop compiles that loop with them
+# (:func:`compile_optimised`). A flag the environment already sets is left as set;
+# LNB_XLA_FAST_COMPILE=0 adds none.
 FAST_COMPILE_FLAGS = (
     "--xla_backend_optimization_level=0",
     "--xla_cpu_use_fusion_emitters=false",
+    "--xla_cpu_parallel_codegen_split_count=1",
 )
+#: XLA's own values of the options FAST_COMPILE_FLAGS changes (its DebugOptions defaults)
+XLA_DEFAULTS = {
+    "xla_backend_optimization_level": 3,
+    "xla_cpu_use_fusion_emitters": True,
+    "xla_cpu_parallel_codegen_split_count": 32,
+}
 if os.environ.get("LNB_XLA_FAST_COMPILE", "1") != "0":
     _flags = os.environ.get("XLA_FLAGS", "")
     for _flag in FAST_COMPILE_FLAGS:
         if _flag.split("=")[0] not in _flags:
             _flags = f"{_flags} {_flag}".strip()
     os.environ["XLA_FLAGS"] = _flags
+
+
+def compile_optimised(fun, *args):
+    """``jax.jit(fun)`` compiled for ``args`` with XLA's default options
+    (:data:`XLA_DEFAULTS`), not the suite's fast-compile ones: for a test whose time is running
+    one long loop (a ``lax.scan`` of 1000 steps), where unoptimised code costs more than
+    optimising it. The README's 1000-step scan: compile 0.85 + run 4.6 s with the suite's flags,
+    2.2 + 1.3 s with these. Returns the compiled function; call it with ``args``."""
+    import jax
+
+    return jax.jit(fun).lower(*args).compile(compiler_options=XLA_DEFAULTS)
+
 
 try:
     import jax

@@ -1,7 +1,7 @@
 """One process of a multi-process data-parallel run (``jax.distributed``), for
 ``tests/test_scaling.py``, which starts two of them on 127.0.0.1:
 
-    python tests/multiprocess_check.py PORT PROCESS_ID NUM_PROCESSES
+    python tests/multiprocess_check.py PORT PROCESS_ID NUM_PROCESSES [NAMES]
 
 Each process owns one CPU device and its shard of the batch (``make_array_from_process_local_
 data``); the mesh spans the processes' devices, CPU collectives go through gloo. It runs the
@@ -12,7 +12,8 @@ process 0, the largest relative difference of the parameters from the single-pro
 the global batch, which process 0 computes on its own device after the distributed runs (the
 other processes need not repeat it: their parameters are the same bits). The same code runs on
 a multi-host GPU/TPU cluster, where ``jax.distributed.initialize()`` reads the coordinator from
-the cluster's environment.
+the cluster's environment. ``NAMES`` (comma-separated, default all) limits the run to some of
+the transformations: ``make test`` runs a few, ``make test-slow`` all of them.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ jax.config.update("jax_enable_x64", True)
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
 
 
-def main(port: int, process_id: int, num_processes: int) -> dict:
+def main(port: int, process_id: int, num_processes: int, names: tuple[str, ...] = ()) -> dict:
     jax.distributed.initialize(
         coordinator_address=f"127.0.0.1:{port}",
         num_processes=num_processes,
@@ -57,7 +58,14 @@ def main(port: int, process_id: int, num_processes: int) -> dict:
     table = vgf.table(params, x, y)
     # every transformation under shard_map, and those without an axis-only option under jit
     singles = transformations(table)
-    names = tuple(singles)
+    unknown = set(names) - set(singles)
+    if unknown:
+        raise SystemExit(
+            f"unknown transformation(s) {sorted(unknown)}; choose from {list(singles)}"
+        )
+    names = names or tuple(singles)
+    singles = {k: singles[k] for k in names}
+    jit_names = [k for k in JIT if k in names]
 
     mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(AxisType.Auto,))
     split = NamedSharding(mesh, P("data"))
@@ -67,7 +75,7 @@ def main(port: int, process_id: int, num_processes: int) -> dict:
 
     # (b) shard_map over the processes' devices, axis_name="data"
     local_table = vgf.table(params, x[rows], y[rows])
-    sharded = transformations(local_table, "data")
+    sharded = {k: v for k, v in transformations(local_table, "data").items() if k in names}
     got = on_batch_axis(make_runs(sharded, vgf), mesh)(replicated, xs, ys)
     for name in names:
         mine[f"{name} shard_map"] = jax.tree.map(
@@ -75,8 +83,8 @@ def main(port: int, process_id: int, num_processes: int) -> dict:
         )
 
     # (a) jit with the batch sharded across the processes
-    got = jax.jit(make_runs({k: singles[k] for k in JIT}, vgf))(replicated, xs, ys)
-    for name in JIT:
+    got = jax.jit(make_runs({k: singles[k] for k in jit_names}, vgf))(replicated, xs, ys)
+    for name in jit_names:
         mine[f"{name} jit"] = jax.tree.map(lambda a: np.asarray(a.addressable_data(0)), got[name])
     out = {
         "devices": jax.device_count(),
@@ -103,4 +111,5 @@ def digest(tree) -> str:
 
 if __name__ == "__main__":
     port, process_id, num_processes = (int(a) for a in sys.argv[1:4])
-    json.dump(main(port, process_id, num_processes), sys.stdout)
+    names = tuple(n for n in sys.argv[4].split(",") if n) if len(sys.argv) > 4 else ()
+    json.dump(main(port, process_id, num_processes, names), sys.stdout)

@@ -211,12 +211,29 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_take_the_global_batch_step():
-    """``jax.distributed`` with 2 local processes, CPU collectives by gloo (recipe (c))."""
+#: the transformations the 2-process test of ``make test`` runs: one of each kind of
+#: communication (features and gradients reduced every step; a per-replica EMA averaged on
+#: refresh steps; each inverse of a refresh computed by one process and shared; LocoProp/ProxProp's
+#: own reduction), two of them under jit too; ``make test-slow`` runs all of them (the
+#: 8-device check above runs all of them on one process in every ``make test``)
+TWO_PROCESS_SMOKE = ("lnb-auto", "lnb-covariance/refresh", "foof/refresh+split", "proxprop")
+
+
+def two_processes(names: tuple[str, ...] = ()) -> dict:
+    """Run ``tests/multiprocess_check.py`` as 2 local processes (``jax.distributed``, CPU
+    collectives by gloo) on ``names`` (default all) and return process 0's results, after
+    checking both processes hold the same parameters, bit for bit, after every run."""
     port = _free_port()
     procs = [
         subprocess.Popen(
-            [sys.executable, str(ROOT / "tests" / "multiprocess_check.py"), str(port), str(i), "2"],
+            [
+                sys.executable,
+                str(ROOT / "tests" / "multiprocess_check.py"),
+                str(port),
+                str(i),
+                "2",
+                ",".join(names),
+            ],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -245,8 +262,31 @@ def test_two_processes_take_the_global_batch_step():
     assert first["digest"] == second["digest"] and len(first["digest"]) == len(first["rel"])
     assert "rel" not in second  # the reference is computed once, by process 0
     assert (first["devices"], first["processes"]) == (2, 2)
+    return first
+
+
+def check_two_processes(names: tuple[str, ...]) -> None:
+    first = two_processes(names)
+    wanted = set(names or NAMES)
+    # every transformation under shard_map, and under jit where it has no axis-only option (the
+    # "/refresh" and "/split" variants need axis_name: tests/scaling_check.py's JIT)
+    expected = {f"{n} shard_map" for n in wanted}
+    expected |= {f"{n} jit" for n in wanted if "/" not in n}
+    assert set(first["rel"]) == expected, sorted(first["rel"])
     for key, value in first["rel"].items():
         assert value <= TOL, (key, value)
+
+
+def test_two_processes_take_the_global_batch_step():
+    """``jax.distributed`` with 2 local processes, CPU collectives by gloo (recipe (c)): the
+    transformations of ``TWO_PROCESS_SMOKE``."""
+    check_two_processes(TWO_PROCESS_SMOKE)
+
+
+@pytest.mark.slow
+def test_two_processes_take_the_global_batch_step_every_transformation():
+    """The same for every transformation (``make test-slow``)."""
+    check_two_processes(())
 
 
 HLO = """HloModule step
