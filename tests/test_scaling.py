@@ -1,6 +1,7 @@
 """Data parallelism (docs/scaling.md): every transformation takes the single-device step of the
 global batch under ``jax.jit`` + ``NamedSharding``, ``shard_map`` and ``pmap`` on 8 simulated
-CPU devices, and across 2 processes (``jax.distributed``); misuse is an error, not a drift.
+CPU devices, and across 2 processes (``jax.distributed``: one transformation of each kind of
+communication, every one under ``-m slow``); misuse is an error, not a drift.
 
 The device count is fixed when JAX starts, so the 8-device checks run in a subprocess
 (``tests/scaling_check.py``, which documents the 1e-9 tolerance) and this module keeps the
