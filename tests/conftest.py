@@ -76,9 +76,9 @@ os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
 #   compiling each small fusion: the suite's CPU time 12 min 20 s -> 8 min 31 s on 2 workers
 #   (cold compilation cache; docs/testing.md, "Time");
 # * the LLVM module compiled whole instead of split in 32 parts for a thread pool: on 2 cores
-#   that both workers keep busy the split only adds work (compile time of
-#   tests/test_optax_composition.py + tests/test_models.py 26.1 -> 23.4 s, the suite's wall
-#   time 4 min 38 s -> 4 min 13 s, cold cache; docs/testing.md, "Time").
+#   that both workers keep busy the split only adds work (tests/test_optax_composition.py and
+#   tests/test_models.py in one process without cache 47.2 -> 44.8 s, the suite's wall time
+#   4 min 38 s -> 4 min 13 s with a cold cache; docs/testing.md, "Time").
 # Through the environment, so the processes the tests start (the CLI, the scaling checks) compile
 # alike; a notebook kernel that times steps gets XLA's defaults back (tests/test_notebooks.py),
 # and a test whose time is running one long loop compiles that loop with them
@@ -107,8 +107,8 @@ def compile_optimised(fun, *args):
     """``jax.jit(fun)`` compiled for ``args`` with XLA's default options
     (:data:`XLA_DEFAULTS`), not the suite's fast-compile ones: for a test whose time is running
     one long loop (a ``lax.scan`` of 1000 steps), where unoptimised code costs more than
-    optimising it. The README's 1000-step scan: compile 0.85 + run 4.6 s with the suite's flags,
-    2.2 + 1.3 s with these. Returns the compiled function; call it with ``args``."""
+    optimising it (the README model's 1000-step scans: docs/testing.md, "Time"). Returns the
+    compiled function; call it with ``args``."""
     import jax
 
     return jax.jit(fun).lower(*args).compile(compiler_options=XLA_DEFAULTS)
