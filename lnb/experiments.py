@@ -269,7 +269,7 @@ def run_matfact(specs: list[OptimizerSpec], steps: int, seed: int, progress: boo
         compiled = step.lower(params, state, (X, Y)).compile()
         compile_seconds = time.perf_counter() - start
         # A full-batch step returns the loss of the parameters it starts from: the curve, without
-        # a second forward pass per step (it cost 40% of an Adam step here); one pass at the end.
+        # a second forward pass per step; one pass at the end for the last parameters.
         losses, seconds = [], [0.0]
         for _ in tqdm(range(steps), desc=spec.label(), disable=not progress, leave=False):
             start = time.perf_counter()
