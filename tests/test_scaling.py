@@ -220,10 +220,10 @@ def _free_port() -> int:
 TWO_PROCESS_SMOKE = ("lnb-auto", "lnb-covariance/refresh", "foof/refresh+split", "proxprop")
 
 
-def two_processes(names: tuple[str, ...] = ()) -> dict:
+def check_two_processes(names: tuple[str, ...]) -> None:
     """Run ``tests/multiprocess_check.py`` as 2 local processes (``jax.distributed``, CPU
-    collectives by gloo) on ``names`` (default all) and return process 0's results, after
-    checking both processes hold the same parameters, bit for bit, after every run."""
+    collectives by gloo) on ``names`` (empty: all) and check that both hold the same parameters,
+    bit for bit, after every run, and that those are the single-process global-batch step's."""
     port = _free_port()
     procs = [
         subprocess.Popen(
@@ -263,11 +263,6 @@ def two_processes(names: tuple[str, ...] = ()) -> dict:
     assert first["digest"] == second["digest"] and len(first["digest"]) == len(first["rel"])
     assert "rel" not in second  # the reference is computed once, by process 0
     assert (first["devices"], first["processes"]) == (2, 2)
-    return first
-
-
-def check_two_processes(names: tuple[str, ...]) -> None:
-    first = two_processes(names)
     wanted = set(names or NAMES)
     # every transformation under shard_map, and under jit where it has no axis-only option (the
     # "/refresh" and "/split" variants need axis_name: tests/scaling_check.py's JIT)
