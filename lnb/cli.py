@@ -9,7 +9,8 @@
 Every run writes ``OUT/<experiment>.json`` (config, dataset, per-epoch train/test loss and
 metric, wall time per epoch excluding compilation) and ``OUT/<experiment>.png``.
 Exit codes: 0 success, 1 a check over tolerance, 2 a usage error (a bad flag value, unknown
-experiment or optimizer, unwritable output folder, missing or corrupt dataset file), printed as
+experiment, optimizer or model option, unwritable output folder, missing or corrupt dataset
+file, a model the options cannot build), printed as
 one line without a traceback.
 """
 
@@ -99,6 +100,58 @@ def optimizer_option(text: str) -> tuple[str, str, Any]:
     except (ValueError, SyntaxError):
         value = raw.strip()
     return name.strip(), key.strip(), value
+
+
+def model_option(text: str) -> tuple[str, Any]:
+    """An argparse ``type=`` for ``--model KEY=VALUE``: ``(KEY, VALUE)``, VALUE read as a Python
+    literal (``1``, ``(16, 32)``, ``True``) or else kept as a string (``activation=relu``).
+    Whether KEY exists is checked once the experiment is known (:func:`check_model_options`)."""
+    import ast
+
+    key, sep, raw = text.partition("=")
+    if not (sep and key.strip() and raw.strip()):
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, e.g. depth=1, got {text!r}")
+    try:
+        value = ast.literal_eval(raw.strip())
+    except (ValueError, SyntaxError):
+        value = raw.strip()
+    return key.strip(), value
+
+
+def check_model_options(exp, options: list) -> dict[str, Any]:
+    """``--model`` values as ``{keyword: value}``, each keyword one the experiment's model
+    builder (:mod:`lnb.models`) takes besides the input shape and the class count, each value of
+    the type of that keyword's default (a list for a tuple); a shape the model cannot take is
+    the builder's own error, when the data is known (:class:`lnb.experiments.ModelOptionError`)."""
+    import inspect
+
+    from . import models
+
+    if not options:
+        return {}
+    if exp.model == "matfact":
+        raise UsageError("--model does not apply to matfact (its model is the problem itself)")
+    parameters = list(inspect.signature(getattr(models, exp.model)).parameters.values())[2:]
+    defaults = {p.name: p.default for p in parameters}
+    out: dict[str, Any] = {}
+    for key, value in options:
+        if key not in defaults:
+            raise UsageError(
+                f"--model: {exp.model} takes no option {key!r}; it takes {', '.join(defaults)}"
+            )
+        default = defaults[key]
+        if isinstance(default, tuple) and isinstance(value, list):
+            value = tuple(value)
+        same = isinstance(value, type(default)) and isinstance(value, bool) == isinstance(
+            default, bool
+        )
+        if not same:
+            raise UsageError(
+                f"--model {key}: expected a {type(default).__name__} like its default "
+                f"{default!r}, got {value!r}"
+            )
+        out[key] = value
+    return out
 
 
 def check_options(exp, options: list) -> dict[str, dict]:
@@ -205,13 +258,16 @@ def save(result: dict, out: Path, name: str, title: str) -> list[Path]:
 
 # --- subcommands ----------------------------------------------------------------------------------
 def cmd_reproduce(args: argparse.Namespace) -> int:
-    from .experiments import EXPERIMENTS, run
+    from .experiments import EXPERIMENTS, ModelOptionError, run
 
     out = Path(args.out)
     check_writable(out)
     exp = EXPERIMENTS[args.experiment]
     if args.layernorm_affine and exp.model != "vit":
         raise UsageError("--layernorm-affine applies to the vit experiment only")
+    model_options = check_model_options(exp, args.model or [])
+    if args.layernorm_affine:
+        model_options["layernorm_affine"] = True
     optimizers = [o.strip() for o in args.optimizers.split(",") if o.strip()]
     unknown = [o for o in optimizers if o not in exp.optimizers]
     if unknown:
@@ -242,22 +298,25 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         lrs[name] = rate
     options = check_options(exp, args.option or [])
     start = time.perf_counter()
-    result = run(
-        args.experiment,
-        optimizers,
-        epochs=args.epochs,
-        seed=args.seed,
-        dataset=args.dataset,
-        data_path=args.data_path,
-        batch_size=args.batch_size,
-        n_train=args.n_train,
-        n_test=args.n_test,
-        learning_rates=lrs,
-        optimizer_options=options,
-        target=args.target,
-        model_options={"layernorm_affine": True} if args.layernorm_affine else None,
-        progress=not args.quiet,
-    )
+    try:
+        result = run(
+            args.experiment,
+            optimizers,
+            epochs=args.epochs,
+            seed=args.seed,
+            dataset=args.dataset,
+            data_path=args.data_path,
+            batch_size=args.batch_size,
+            n_train=args.n_train,
+            n_test=args.n_test,
+            learning_rates=lrs,
+            optimizer_options=options,
+            target=args.target,
+            model_options=model_options or None,
+            progress=not args.quiet,
+        )
+    except ModelOptionError as err:  # --model values this data cannot take
+        raise UsageError(f"--model: {err}") from None
     result["seconds"] = time.perf_counter() - start
     paths = save(result, out, args.experiment, exp.description)
     print(markdown(summary_rows(result)))
@@ -412,6 +471,14 @@ def parser() -> argparse.ArgumentParser:
         metavar="OPT.KEY=VALUE",
         help="a keyword argument of lnb, foof, locoprop-s/m or proxprop, e.g. "
         "--option lnb.min_descent=0 (repeatable)",
+    )
+    rep.add_argument(
+        "--model",
+        action="append",
+        type=model_option,
+        metavar="KEY=VALUE",
+        help="a keyword of the experiment's model in lnb.models, e.g. --model depth=1 (vit), "
+        "--model hidden=(256,256) (mlp) (repeatable)",
     )
     rep.add_argument(
         "--layernorm-affine",

@@ -30,6 +30,11 @@ from . import data as datasets
 from .train import OptimizerSpec, make_step, neuron_table
 
 
+class ModelOptionError(ValueError):
+    """The model cannot be built with the options given (``lnb reproduce --model``) for the
+    experiment's data: the message names the model, its options and the builder's reason."""
+
+
 @dataclass(frozen=True)
 class Experiment:
     """One of the paper's experiments: data, model, schedule and default optimizers."""
@@ -210,7 +215,10 @@ def run(
     n_train = exp.n_train if n_train is None else n_train
     data = datasets.subset(load_data(exp, seed, data_path, dataset), n_train, n_test, seed)
     options = {**exp.model_options, **(model_options or {})}
-    model = build(exp.model, data.input_shape, data.n_classes, **options)
+    try:
+        model = build(exp.model, data.input_shape, data.n_classes, **options)
+    except (TypeError, ValueError) as err:  # e.g. a patch size that does not divide the image
+        raise ModelOptionError(f"{exp.model} with {options}: {err}") from None
     batch = batch_size or exp.batch_size
     config.update(batch_size=batch, model=exp.model, model_options=options)
     runs = [

@@ -109,6 +109,7 @@ def one_line_error(capsys, message) -> str:
         (["reproduce", "mlp", "--seed", "-1"], "argument --seed: must be an integer >= 0"),
         (["reproduce", "mlp", "--option", "lnb=1"], "argument --option: expected OPTIMIZER.OPTION"),
         (["reproduce", "mlp", "--option", "lnb.ridge"], "argument --option: expected OPTIMIZER"),
+        (["reproduce", "vit", "--model", "depth"], "argument --model: expected KEY=VALUE"),
         (["demo", "--epochs", "0"], "argument --epochs: must be an integer >= 1"),
         (["check", "--problems", "-1"], "argument --problems: must be an integer >= 1"),
         (["check", "--problems", "0"], "argument --problems: must be an integer >= 1"),
@@ -135,12 +136,59 @@ def test_bad_flag_values_exit_2_with_one_line(lnb_main_stubbed, capsys, tmp_path
         (["--option", "lnb.neurons=None"], "--option: lnb takes no option 'neurons'"),
         (["--option", "lnb.min_descent=-1"], "--option lnb: min_descent must lie in [0.0, 1.0]"),
         (["--option", "lnb.step_norm=fast"], "--option lnb: step_norm must be"),
+        (["--model", "depth=1"], "--model does not apply to matfact"),
     ],
 )
 def test_flags_the_experiment_cannot_use_exit_2(lnb_main_stubbed, capsys, tmp_path, argv, message):
     argv = ["reproduce", "matfact", *argv, "--out", str(tmp_path), "--quiet"]
     assert lnb_main_stubbed(argv) == 2
     one_line_error(capsys, message)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (
+            ["vit", "--model", "deph=1"],
+            "--model: vit takes no option 'deph'; it takes patch, dim, depth, heads, mlp_dim, "
+            "layernorm_affine",
+        ),
+        (["vit", "--model", "depth=1.5"], "--model depth: expected a int like its default 2"),
+        (["vit", "--model", "layernorm_affine=1"], "--model layernorm_affine: expected a bool"),
+        (["mlp", "--model", "hidden=64"], "--model hidden: expected a tuple like its default"),
+        (["unet", "--model", "width=8"], "--model: unet takes no option 'width'; it takes"),
+    ],
+)
+def test_bad_model_options_exit_2(lnb_main_stubbed, capsys, tmp_path, argv, message):
+    assert lnb_main_stubbed(["reproduce", *argv, "--out", str(tmp_path), "--quiet"]) == 2
+    one_line_error(capsys, message)
+
+
+def test_a_model_the_data_cannot_take_is_one_line(lnb_main, capsys, tmp_path):
+    """``--model patch=3`` on 8×8 digits: the builder's own reason, as one line and exit 2,
+    raised when the data is loaded and before any training."""
+    argv = ["reproduce", "vit", "--model", "patch=3", "--out", str(tmp_path), "--quiet"]
+    assert lnb_main(argv) == 2
+    line = one_line_error(capsys, "--model: vit with {'patch': 3, 'dim': 64, 'depth': 2")
+    assert line.endswith("vit: input 8×8 is not divisible by patch size 3"), line
+
+
+def test_model_options_reach_the_model(lnb_main, monkeypatch, tmp_path):
+    """``--model hidden=(64,) --model activation=relu``: read as Python literals (a list for a
+    tuple is a tuple) or else strings, passed to the runner (a stub here, which records them)."""
+    import lnb.experiments
+
+    seen = {}
+
+    def run(name, optimizers, **kwargs):
+        seen.update(kwargs["model_options"])
+        raise SystemExit(0)
+
+    monkeypatch.setattr(lnb.experiments, "run", run)
+    argv = ["reproduce", "mlp", "--model", "hidden=[64, 32]", "--model", "activation=relu"]
+    with pytest.raises(SystemExit):
+        lnb_main([*argv, "--out", str(tmp_path), "--quiet"])
+    assert seen == {"hidden": (64, 32), "activation": "relu"}
 
 
 def test_options_reach_the_optimizer(lnb_main, monkeypatch, tmp_path):

@@ -34,8 +34,10 @@ TINY = {
     "mlp": ["--n-train", "300", "--n-test", "100", "--batch-size", "50"],
     "mlp-inverted": ["--n-train", "300", "--n-test", "100", "--batch-size", "50"],
     "cnn": ["--n-train", "300", "--n-test", "100", "--batch-size", "50"],
-    "vit": ["--n-train", "200", "--n-test", "100", "--batch-size", "50", "--layernorm-affine"],
-    "unet": ["--n-train", "100", "--n-test", "40", "--batch-size", "20"],
+    # one block instead of 2: compiling the LNB step is this run's time (docs/testing.md)
+    "vit": ["--n-train", "200", "--n-test", "100", "--batch-size", "50", "--layernorm-affine"]
+    + ["--model", "depth=1"],
+    "unet": ["--n-train", "40", "--n-test", "20", "--batch-size", "20"],  # 2 steps an epoch
 }
 
 
@@ -48,8 +50,9 @@ def test_every_experiment_runs_from_the_command_and_learns(experiment, tmp_path,
     assert (tmp_path / f"{experiment}.png").stat().st_size > 10_000
     assert {"config", "dataset", "metric", "runs", "machine"} <= set(result)
     assert result["config"]["experiment"] == experiment
-    if experiment == "vit":  # the LayerNorm-with-affine option reached the model
+    if experiment == "vit":  # --layernorm-affine and --model reached the model
         assert result["config"]["model_options"]["layernorm_affine"] is True
+        assert result["config"]["model_options"]["depth"] == 1
     assert [r["optimizer"] for r in result["runs"]] == ["lnb", "adam"]
     for r in result["runs"]:
         assert RUN_KEYS <= set(r)
