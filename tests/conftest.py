@@ -28,6 +28,7 @@ inside ``jax.enable_x64(True)``, set-up and tear-down included, and an unmarked 
 
 from __future__ import annotations
 
+import gc
 import os
 from pathlib import Path
 
@@ -40,6 +41,14 @@ from threadpoolctl import threadpool_limits
 # only contend (8x slower on 2 cores: benchmarks/blas_threads.py), so the suite runs BLAS
 # single-threaded.
 threadpool_limits(limits=1)
+
+# Python's cyclic garbage collector, less often. Tracing and compiling allocate many short-lived
+# container objects (tracers, jaxpr equations, pytrees), and with the default thresholds
+# (700, 10, 10) the collector ran 3,543 times in 120 s of tests, 5.4 s in all, walking the
+# long-lived objects of JAX's caches again each time; with these, 22 times and 1.1 s
+# (benchmarks/gc_time.py on 5 of the suite's files: docs/testing.md, "Time"). The same garbage
+# is collected, in fewer passes.
+gc.set_threshold(50_000, 20, 100)
 
 settings.register_profile("ci", deadline=None, max_examples=25, derandomize=True)
 settings.register_profile("dev", deadline=None, max_examples=60, print_blob=True)
@@ -172,6 +181,9 @@ def pytest_collection_modifyitems(config, items):
         return len(LONGEST_FIRST)
 
     items.sort(key=rank)  # stable: the order within each rank is kept
+    # the site is built from the notebooks the suite executes: its tests last (under xdist they
+    # share the notebooks' group, hence their worker; tests/test_site.py)
+    items.sort(key=lambda item: item.nodeid.startswith("tests/test_site.py"))
     if getattr(config.option, "loadgroup", False):  # an xdist worker under --dist loadgroup
         for item in items:
             _join_xdist_group(item)

@@ -16,6 +16,10 @@ nbclient = pytest.importorskip("nbclient")
 
 from conftest import FAST_COMPILE_FLAGS  # noqa: E402
 
+#: one worker runs the notebooks one after the other, then tests/test_site.py builds the docs
+#: from them and opens the site, while the other worker goes on with the rest of the suite
+pytestmark = pytest.mark.xdist_group("notebooks")
+
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = ROOT / "notebooks"
 RENDERED = ROOT / "docs" / "notebooks"

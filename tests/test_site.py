@@ -1,12 +1,22 @@
-"""The built site in a real browser: headless Chromium opens the maths page and every notebook
-page of ``build/site`` from ``file://``, with every host name unresolvable (offline), and the
-formulas must have been typeset by the MathJax that ships with the site: ``mjx-container``
-elements, no MathJax error, and no TeX delimiter left in the text MathJax is given (Markdown
-cells of the notebooks, arithmatex spans, the tables of contents). Search must work there too.
+"""The docs site, built and then opened in a real browser.
 
-Skips, saying why, where Chromium is not installed (``apt-get install chromium``; or set
-``LNB_CHROMIUM`` to a Chrome/Chromium binary) or the site is not built (``make docs-build``).
-``make docs`` and ``make test`` run it after building the site.
+The site is built here, once per session (:func:`site`): ``mkdocs build --strict`` renders the
+pages and the notebooks that ``tests/test_notebooks.py`` executed into ``docs/notebooks/``, then
+``tools/check_site.py`` checks every relative link and ``#anchor`` of every page, notebook pages
+included. The module is in the notebooks' xdist group and collected after them, so under
+``make test`` (``--dist loadgroup``) it runs on their worker once they are done, while the other
+worker goes on with the rest of the suite (docs/testing.md, "How long it takes").
+
+Then headless Chromium opens the maths page and every notebook page of ``build/site`` from
+``file://``, with every host name unresolvable (offline), and the formulas must have been typeset
+by the MathJax that ships with the site: ``mjx-container`` elements, no MathJax error, and no TeX
+delimiter left in the text MathJax is given (Markdown cells of the notebooks, arithmatex spans,
+the tables of contents). Search must work there too.
+
+The browser tests skip, saying why, where Chromium is not installed (``apt-get install
+chromium``; or set ``LNB_CHROMIUM`` to a Chrome/Chromium binary); the build skips where the
+executed notebooks are missing from ``docs/notebooks/`` (run ``tests/test_notebooks.py`` first,
+as ``make test`` and ``make docs`` do).
 """
 
 from __future__ import annotations
@@ -15,14 +25,19 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
 
+#: after the notebooks, on their worker (tests/conftest.py orders the group's tests)
+pytestmark = pytest.mark.xdist_group("notebooks")
+
 ROOT = Path(__file__).resolve().parents[1]
 SITE = ROOT / "build" / "site"
 NOTEBOOKS = sorted(p.stem for p in (ROOT / "notebooks").glob("*.ipynb"))
+RENDERED = ROOT / "docs" / "notebooks"
 PAGES = ["maths.html", *(f"notebooks/{name}.html" for name in NOTEBOOKS)]
 #: Classes whose text MathJax typesets (docs/javascripts/mathjax.js).
 MATH_CLASSES = {"arithmatex", "jp-MarkdownOutput", "md-nav--secondary"}
@@ -43,10 +58,47 @@ needs_browser = pytest.mark.skipif(
     CHROMIUM is None,
     reason="Chromium not found (apt-get install chromium, or set LNB_CHROMIUM)",
 )
-needs_site = pytest.mark.skipif(
-    not (SITE / "index.html").is_file(),
-    reason=f"no built site in {SITE.relative_to(ROOT)} (run `make docs-build`)",
-)
+
+
+@pytest.fixture(scope="session")
+def site() -> Path:
+    """``build/site``, built from ``docs/`` with the executed notebooks (``make docs-build``:
+    ``mkdocs build --strict``, then ``tools/check_site.py``); built once per session, and the
+    build itself is :func:`test_the_site_builds_strictly_and_every_link_resolves`."""
+    missing = [n for n in NOTEBOOKS if not (RENDERED / f"{n}.ipynb").is_file()]
+    if missing:
+        pytest.skip(
+            f"docs/notebooks/ lacks the executed {', '.join(missing)}: run "
+            "tests/test_notebooks.py first (make test and make docs do)"
+        )
+    env = dict(os.environ, NO_MKDOCS_2_WARNING="1")
+    build = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--quiet"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        check=False,
+    )
+    assert build.returncode == 0, f"mkdocs build --strict failed:\n{build.stderr[-4000:]}"
+    links = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "check_site.py"), str(SITE)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    print(links.stdout.strip().splitlines()[-1] if links.stdout.strip() else links.stderr)
+    assert links.returncode == 0, f"broken links in the built site:\n{links.stdout[-4000:]}"
+    return SITE
+
+
+def test_the_site_builds_strictly_and_every_link_resolves(site):
+    """``mkdocs build --strict`` succeeded (no warning: a broken link between Markdown pages, a
+    missing nav entry) and ``tools/check_site.py`` found every relative link and anchor of
+    every built page, notebook pages included (both asserted in :func:`site`)."""
+    assert (site / "index.html").is_file()
+    for name in NOTEBOOKS:
+        assert (site / "notebooks" / f"{name}.html").is_file(), f"{name} was not rendered"
 
 
 def dump_dom(url: str, profile: Path) -> str:
@@ -104,10 +156,9 @@ def test_the_pages_to_check():
 
 
 @needs_browser
-@needs_site
 @pytest.mark.parametrize("page", PAGES)
-def test_formulas_are_typeset_offline(page, tmp_path):
-    path = SITE / page
+def test_formulas_are_typeset_offline(page, site, tmp_path):
+    path = site / page
     assert path.is_file(), f"{page} is missing from the built site"
     dom = _Typeset()
     dom.feed(dump_dom(path.as_uri(), tmp_path / "profile"))
@@ -119,8 +170,7 @@ def test_formulas_are_typeset_offline(page, tmp_path):
 
 
 @needs_browser
-@needs_site
-def test_search_works_offline(tmp_path):
-    html = dump_dom((SITE / "index.html").as_uri() + "?q=whitening", tmp_path / "profile")
+def test_search_works_offline(site, tmp_path):
+    html = dump_dom((site / "index.html").as_uri() + "?q=whitening", tmp_path / "profile")
     found = re.search(r'md-search-result__meta">\s*(\d+) matching document', html)
     assert found and int(found[1]) > 0, "search found nothing from file://"
