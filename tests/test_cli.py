@@ -173,41 +173,43 @@ def test_a_model_the_data_cannot_take_is_one_line(lnb_main, capsys, tmp_path):
     assert line.endswith("vit: input 8×8 is not divisible by patch size 3"), line
 
 
-def test_model_options_reach_the_model(lnb_main, monkeypatch, tmp_path):
-    """``--model hidden=(64,) --model activation=relu``: read as Python literals (a list for a
-    tuple is a tuple) or else strings, passed to the runner (a stub here, which records them)."""
+@pytest.fixture
+def recorded_run(lnb_main, monkeypatch) -> dict:
+    """The keyword arguments ``lnb reproduce`` passes to the experiment runner, which a stub
+    records here before it stops the command (``SystemExit(0)``)."""
     import lnb.experiments
 
-    seen = {}
+    seen: dict = {}
 
     def run(name, optimizers, **kwargs):
-        seen.update(kwargs["model_options"])
+        seen.update(kwargs)
         raise SystemExit(0)
 
     monkeypatch.setattr(lnb.experiments, "run", run)
+    return seen
+
+
+def test_model_options_reach_the_model(lnb_main, recorded_run, tmp_path):
+    """``--model hidden=[64, 32] --model activation=relu``: read as Python literals (a list for a
+    tuple is a tuple) or else strings, passed to the runner."""
     argv = ["reproduce", "mlp", "--model", "hidden=[64, 32]", "--model", "activation=relu"]
     with pytest.raises(SystemExit):
         lnb_main([*argv, "--out", str(tmp_path), "--quiet"])
-    assert seen == {"hidden": (64, 32), "activation": "relu"}
+    assert recorded_run["model_options"] == {"hidden": (64, 32), "activation": "relu"}
 
 
-def test_options_reach_the_optimizer(lnb_main, monkeypatch, tmp_path):
+def test_options_reach_the_optimizer(lnb_main, recorded_run, tmp_path):
     """``--option lnb.min_descent=0 --option lnb.step_norm=paper``: the values, read as Python
     literals or else strings, are merged into the experiment's LNB options and passed to the
-    runner (a stub here, which records them)."""
-    import lnb.experiments
-
-    seen = {}
-
-    def run(name, optimizers, **kwargs):
-        seen.update(kwargs["optimizer_options"])
-        raise SystemExit(0)
-
-    monkeypatch.setattr(lnb.experiments, "run", run)
+    runner."""
     argv = ["reproduce", "mlp", "--option", "lnb.min_descent=0", "--option", "lnb.step_norm=paper"]
     with pytest.raises(SystemExit):
         lnb_main([*argv, "--option", "foof.damping=0.3", "--out", str(tmp_path), "--quiet"])
-    assert seen == {"lnb": {"min_descent": 0, "step_norm": "paper"}, "foof": {"damping": 0.3}}
+    assert recorded_run["optimizer_options"] == {
+        "lnb": {"min_descent": 0, "step_norm": "paper"},
+        "foof": {"damping": 0.3},
+    }
+    assert recorded_run["model_options"] is None  # no --model: the experiment's own
 
 
 def _idx(a: np.ndarray) -> bytes:
