@@ -18,6 +18,8 @@ import gc
 import sys
 import time
 
+import pytest
+
 
 class GcTimer:
     """A pytest plugin: sets the thresholds at session start (after ``tests/conftest.py``) and
@@ -50,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     timer = GcTimer(args.thresholds)
     start = time.perf_counter()
-    code = __import__("pytest").main(["-q", "-p", "no:xdist", *args.tests], plugins=[timer])
+    code = pytest.main(["-q", "-p", "no:xdist", *args.tests], plugins=[timer])
     total = time.perf_counter() - start
     print(
         f"gc thresholds {gc.get_threshold()}: {timer.seconds:.1f} s collecting of {total:.1f} s; "

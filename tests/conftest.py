@@ -175,15 +175,16 @@ LONGEST_FIRST = (
 @pytest.hookimpl(trylast=True)  # after pytest-xdist's own hook
 def pytest_collection_modifyitems(config, items):
     def rank(item):
+        # the site is built from the notebooks the suite executes: its tests last (under xdist
+        # they share the notebooks' group, hence their worker; tests/test_site.py)
+        if item.nodeid.startswith("tests/test_site.py"):
+            return len(LONGEST_FIRST) + 1
         for i, prefix in enumerate(LONGEST_FIRST):
             if item.nodeid.startswith(prefix):
                 return i
         return len(LONGEST_FIRST)
 
     items.sort(key=rank)  # stable: the order within each rank is kept
-    # the site is built from the notebooks the suite executes: its tests last (under xdist they
-    # share the notebooks' group, hence their worker; tests/test_site.py)
-    items.sort(key=lambda item: item.nodeid.startswith("tests/test_site.py"))
     if getattr(config.option, "loadgroup", False):  # an xdist worker under --dist loadgroup
         for item in items:
             _join_xdist_group(item)
