@@ -130,11 +130,14 @@ class _Typeset(HTMLParser):
         super().__init__(convert_charrefs=True)
         self.stack: list[tuple[str, bool, bool]] = []  # (tag, in maths text, opaque)
         self.counts = {"mjx-container": 0, "mjx-merror": 0}
+        self.nested = 0  # formulas typeset inside a formula (a second typesetting pass)
         self.leftover: list[str] = []
 
     def handle_starttag(self, tag, attrs):
         if tag in self.counts:
             self.counts[tag] += 1
+        if tag == "mjx-container" and any(t == "mjx-container" for t, *_ in self.stack):
+            self.nested += 1
         if tag in VOID:
             return
         classes = set((dict(attrs).get("class") or "").split())
@@ -166,6 +169,9 @@ def test_formulas_are_typeset_offline(page, site, tmp_path):
     print(f"{page}: {typeset} formulas typeset")
     assert typeset >= 20, f"{page}: only {typeset} formulas typeset"
     assert dom.counts["mjx-merror"] == 0, f"{page}: MathJax reported TeX errors"
+    # each formula typeset once: a second pass typesets the MathML that MathJax hides inside
+    # every formula for screen readers (a formula within each formula, twice the work)
+    assert dom.nested == 0, f"{page}: {dom.nested} formulas typeset inside another formula"
     assert not dom.leftover, f"{page}: raw TeX left in the rendered text: {dom.leftover[:5]}"
 
 

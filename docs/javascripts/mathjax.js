@@ -18,9 +18,18 @@ window.MathJax = {
   startup: { elements: [MATH] },
 };
 
-// Re-typeset when mkdocs-material swaps the page in place (navigation.instant); on a normal page
-// load MathJax typesets `startup.elements` by itself once it has started.
+// Re-typeset when mkdocs-material swaps the page in place (navigation.instant, if it is ever
+// turned on). document$ also emits once for the page as loaded, which MathJax typesets by itself
+// once it has started (`startup.elements`): typesetting it again here found the MathML that
+// MathJax had hidden in each formula for screen readers and typeset that too, a second formula
+// nested inside every formula, at twice the work (tests/test_site.py checks each formula is
+// typeset once). So the first emission is skipped.
+let loaded = false;
 document$.subscribe(() => {
+  if (!loaded) {
+    loaded = true;
+    return;
+  }
   if (window.MathJax.typesetPromise) {
     MathJax.startup.output.clearCache();
     MathJax.typesetClear();
