@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from .neuron import Neuron, replay
+from .neuron import Neuron, probe, replay
 from .spmd import columns_whole, whole
 
 
@@ -185,9 +185,10 @@ def _build_layout(neuron: Neuron) -> GramLayout | str:
         return "its weight chain is not a permutation of the rows"
     # Probe with the entries' indices: exact in int32 (a chain that converts to float32 stays
     # exact up to 2^24 entries; beyond that the check fails and the neuron stays matrix-free).
-    with jax.ensure_compile_time_eval():
-        probe = np.asarray(to_rows(jnp.arange(size, dtype=jnp.int32).reshape(neuron.weight_shape)))
-    if not np.array_equal(np.sort(probe.ravel()), np.arange(size)):
+    (entries,) = probe(
+        "gram_layout rows", to_rows, np.arange(size, dtype=np.int32).reshape(neuron.weight_shape)
+    )
+    if not np.array_equal(np.sort(entries.ravel()), np.arange(size)):
         return "its weight chain is not a permutation of the rows"
     transpose = jax.linear_transpose(to_rows, w_aval)
 
@@ -197,9 +198,11 @@ def _build_layout(neuron: Neuron) -> GramLayout | str:
     bias_index = None
     if neuron.bias is not None:
         rowmap = neuron.row_map()
-        with jax.ensure_compile_time_eval():
-            index = rowmap.broadcast(jnp.arange(rowmap.n_rows, dtype=jnp.float32))
-            index = np.asarray(to_rows(index))
+        (index,) = probe(
+            "gram_layout bias rows",
+            lambda v: to_rows(rowmap.broadcast(v)),
+            np.arange(rowmap.n_rows, dtype=np.float32),
+        )
         if not np.all(index == index[..., :1]):
             return "its bias rows do not line up with the weight rows"
         bias_index = index[..., 0].astype(np.int64)

@@ -22,6 +22,7 @@ Cholesky preconditioner of a neuron with a bias, which pairs weight row ``k`` wi
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -161,13 +162,6 @@ class Neuron:
 
         return column_sums(X), column_sums(jax.tree.map(lambda x: x * x, X))
 
-    def ones_input(self):
-        """All-ones inputs of this neuron's input shape(s)."""
-        ones = jnp.ones(self.x_shape, self.x_dtype)
-        if not self.extra:
-            return ones
-        return (ones, *(jnp.ones(shape, self.x_dtype) for _, shape in self.extra))
-
     def preconditioner(self, mean, second, ridge: float = 0.0) -> Callable[[Params], Params]:
         """The §3.5 preconditioner ``P ≈ M⁻¹`` from (EMA) moments shaped like the weight.
 
@@ -256,25 +250,68 @@ class RowMap:
         return lax.broadcast_in_dim(sub, self.weight_shape, self.axes)
 
 
+#: :func:`probe`'s results, by what was probed; the oldest are dropped beyond PROBE_CACHE_SIZE
+_PROBES: OrderedDict[tuple, tuple[np.ndarray, ...]] = OrderedDict()
+PROBE_CACHE_SIZE = 1024
+
+
+def probe(kind: str, fn: Callable, *args) -> tuple[np.ndarray, ...]:
+    """``fn(*args)``'s output leaves as read-only NumPy arrays: one trace-time evaluation of a
+    neuron's own map (:func:`row_map`, :func:`lnb_fast.covariance.gram_layout`), compiled as one
+    program rather than run one operation at a time (each operation run eagerly compiles on its
+    own, ~15 ms each on a CPU).
+
+    Remembered for the process by ``kind`` and what ``fn`` computes: its jaxpr for the
+    arguments' shapes and dtypes, with the values of its constants. So a layer of a shape and
+    structure already probed (the next block of a transformer, the same model traced again for
+    another step function) costs one trace of ``fn``, not another compilation. The arguments
+    must be fixed by ``kind`` and their shapes (all-ones inputs, index arrays); a constant that
+    is not concrete (traced) is not remembered."""
+    with jax.ensure_compile_time_eval():
+        try:
+            closed = jax.make_jaxpr(fn)(*args)
+            consts = [np.asarray(c) for c in closed.consts]
+            values = tuple((c.dtype.str, c.shape, c.tobytes()) for c in consts)
+            key = (kind, str(closed.jaxpr), values)
+        except jax.errors.JAXTypeError:  # a traced constant: evaluated, not remembered
+            key = None
+        if key is not None and key in _PROBES:
+            _PROBES.move_to_end(key)
+            return _PROBES[key]
+        out = tuple(np.asarray(leaf) for leaf in jax.tree.leaves(jax.jit(fn)(*args)))
+    for leaf in out:
+        leaf.flags.writeable = False
+    if key is not None:
+        _PROBES[key] = out
+        if len(_PROBES) > PROBE_CACHE_SIZE:
+            _PROBES.popitem(last=False)
+    return out
+
+
 def row_map(neuron: Neuron) -> RowMap:
     """Find the output row of every weight entry by probing the neuron's own map.
 
-    With all-ones inputs ``X₁`` and zero weights, ``c = f(X₁; 0, k+1)`` is an output whose every
-    entry holds (one plus) the index of the bias it receives. Pulled back to the weights,
-    ``Jᵀc / Jᵀ1`` is then, for every weight entry, one plus the index of its row (the ratio
-    removes how many output positions the entry reaches). Computed once, eagerly, at trace time.
+        With all-ones inputs ``X₁`` and zero weights, ``c = f(X₁; 0, k+1)`` is an output whose every
+        entry holds (one plus) the index of the bias it receives. Pulled back to the weights,
+        ``Jᵀc / Jᵀ1`` is then, for every weight entry, one plus the index of its row (the ratio
+        removes how many output positions the entry reaches). Computed once per neuron at trace time,
+    as one compiled program remembered across neurons of the same map (:func:`probe`).
     """
     if neuron.bias is None:
         raise ValueError(f"neuron {neuron.weight_path}: no bias, so no rows to pair")
     K = int(np.prod(neuron.bias_shape))
-    with jax.ensure_compile_time_eval():
-        X1 = neuron.ones_input()
-        w0 = jnp.zeros(neuron.weight_shape, neuron.x_dtype)
-        index = jnp.arange(1, K + 1, dtype=neuron.x_dtype).reshape(neuron.bias_shape)
+
+    def pulled_back(X1, w0, index):
         c = neuron.apply(X1, w0, index)
         _, pullback = jax.vjp(lambda w: neuron.apply(X1, w), w0)
-        num = np.asarray(pullback(c)[0], dtype=np.float64)
-        den = np.asarray(pullback(jnp.ones_like(c))[0], dtype=np.float64)
+        return pullback(c)[0], pullback(jnp.ones_like(c))[0]
+
+    dtype = np.dtype(neuron.x_dtype)
+    ones = [np.ones(neuron.x_shape, dtype)] + [np.ones(shape, dtype) for _, shape in neuron.extra]
+    X1 = tuple(ones) if neuron.extra else ones[0]
+    w0 = np.zeros(neuron.weight_shape, dtype)
+    index = np.arange(1, K + 1).astype(dtype).reshape(neuron.bias_shape)
+    num, den = (a.astype(np.float64) for a in probe("row_map", pulled_back, X1, w0, index))
     ratio = np.divide(num, den, out=np.ones_like(num), where=den > 0)
     rows = np.rint(ratio).astype(np.int64) - 1
     if np.max(np.abs(ratio - (rows + 1))) > 0.25 or rows.min() < 0 or rows.max() >= K:
