@@ -267,18 +267,23 @@ def probe(kind: str, fn: Callable, *args) -> tuple[np.ndarray, ...]:
     another step function) costs one trace of ``fn``, not another compilation. The arguments
     must be fixed by ``kind`` and their shapes (all-ones inputs, index arrays); a constant that
     is not concrete (traced) is not remembered."""
-    with jax.ensure_compile_time_eval():
-        try:
-            closed = jax.make_jaxpr(fn)(*args)
-            consts = [np.asarray(c) for c in closed.consts]
-            values = tuple((c.dtype.str, c.shape, c.tobytes()) for c in consts)
-            key = (kind, str(closed.jaxpr), values)
-        except jax.errors.JAXTypeError:  # a traced constant: evaluated, not remembered
-            key = None
-        if key is not None and key in _PROBES:
-            _PROBES.move_to_end(key)
-            return _PROBES[key]
-        out = tuple(np.asarray(leaf) for leaf in jax.tree.leaves(jax.jit(fn)(*args)))
+    # Traced on its own (also inside a jit trace: a new trace, nothing staged into the outer
+    # one) and outside ensure_compile_time_eval, so its constants are not computed eagerly.
+    traced = jax.jit(fn).trace(*args)
+    try:
+        consts = [np.asarray(c) for c in traced.jaxpr.consts]
+        values = tuple((c.dtype.str, c.shape, c.tobytes()) for c in consts)
+        key = (kind, str(traced.jaxpr.jaxpr), values)
+    except jax.errors.JAXTypeError:  # a traced constant: evaluated as before, not remembered
+        key = None
+    if key is not None and key in _PROBES:
+        _PROBES.move_to_end(key)
+        return _PROBES[key]
+    if key is None:
+        with jax.ensure_compile_time_eval():
+            out = tuple(np.asarray(leaf) for leaf in jax.tree.leaves(fn(*args)))
+    else:
+        out = tuple(np.asarray(leaf) for leaf in jax.tree.leaves(traced.lower().compile()(*args)))
     for leaf in out:
         leaf.flags.writeable = False
     if key is not None:
@@ -291,11 +296,11 @@ def probe(kind: str, fn: Callable, *args) -> tuple[np.ndarray, ...]:
 def row_map(neuron: Neuron) -> RowMap:
     """Find the output row of every weight entry by probing the neuron's own map.
 
-        With all-ones inputs ``X₁`` and zero weights, ``c = f(X₁; 0, k+1)`` is an output whose every
-        entry holds (one plus) the index of the bias it receives. Pulled back to the weights,
-        ``Jᵀc / Jᵀ1`` is then, for every weight entry, one plus the index of its row (the ratio
-        removes how many output positions the entry reaches). Computed once per neuron at trace time,
-    as one compiled program remembered across neurons of the same map (:func:`probe`).
+    With all-ones inputs ``X₁`` and zero weights, ``c = f(X₁; 0, k+1)`` is an output whose every
+    entry holds (one plus) the index of the bias it receives. Pulled back to the weights,
+    ``Jᵀc / Jᵀ1`` is then, for every weight entry, one plus the index of its row (the ratio
+    removes how many output positions the entry reaches). Computed once per neuron at trace
+    time, as one compiled program remembered across neurons of the same map (:func:`probe`).
     """
     if neuron.bias is None:
         raise ValueError(f"neuron {neuron.weight_path}: no bias, so no rows to pair")
