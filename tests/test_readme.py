@@ -42,10 +42,44 @@ def readme_namespace():
     return namespace
 
 
-# one xdist worker for the three: they share the module-scoped readme_namespace (a trained model)
+@pytest.fixture(scope="module")
+def constant_epsilon_run(readme_namespace):
+    """``(params, epsilon) -> ((params, state), losses)``: 1000 steps of ``lnb_fast.lnb`` with
+    default settings and a constant ``learning_rate=epsilon`` on the README's model, compiled
+    once for the three ε of the test (ε is an argument of the program; its losses are bit for
+    bit those of the program compiled with ε a Python float, checked when this was written).
+    Running the steps is the test's time, so compiled with XLA's optimisation."""
+    import equinox as eqx
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    import lnb_fast
+
+    ns = readme_namespace
+    params, _ = eqx.partition(ns["model"], eqx.is_inexact_array)
+    vgf = ns["value_grad_features"]
+
+    def run(params, epsilon):
+        opt = lnb_fast.lnb(learning_rate=epsilon)
+
+        def step(carry, _):
+            params, state = carry
+            loss, grads, features = vgf(params, ns["batch"])
+            updates, state = opt.update(grads, state, params, features=features)
+            return (optax.apply_updates(params, updates), state), loss
+
+        return jax.lax.scan(step, (params, opt.init(params)), None, length=1000)
+
+    compiled = compile_optimised(run, params, jnp.float32(0.01))
+    return lambda epsilon: compiled(params, jnp.float32(epsilon))
+
+
+# one xdist worker for the three: they share the module-scoped fixtures (a trained model and
+# the compiled 1000 steps)
 @pytest.mark.xdist_group("readme")
 @pytest.mark.parametrize("epsilon", [0.01, 0.05, 0.2])
-def test_readme_model_at_constant_epsilon_never_spikes(readme_namespace, epsilon):
+def test_readme_model_at_constant_epsilon_never_spikes(constant_epsilon_run, epsilon):
     """The README's model, 1000 steps at a *constant* ε (no decay to hide behind), default
     settings: the loss never jumps more than 10× between two steps by more than ε/4, and never
     rises by more than ε. A constant-length step must overshoot the minimum somewhere, raising a
@@ -53,29 +87,9 @@ def test_readme_model_at_constant_epsilon_never_spikes(readme_namespace, epsilon
     softmax cross-entropy); beyond that is a spike. The paper's z = Σθ̂·ĝ with a warm start
     (``step_norm="paper"``, no restart) fails both: 52, 54 and 56 spikes at ε = 0.01, 0.05, 0.2,
     rises up to 1,140·ε (``benchmarks/step_norm.py``, float32, measures both rules)."""
-    import equinox as eqx
-    import jax
     import numpy as np
-    import optax
 
-    import lnb_fast
-
-    ns = readme_namespace
-    params, _ = eqx.partition(ns["model"], eqx.is_inexact_array)
-    opt = lnb_fast.lnb(learning_rate=epsilon)
-    vgf = ns["value_grad_features"]
-
-    def step(carry, _):
-        params, state = carry
-        loss, grads, features = vgf(params, ns["batch"])
-        updates, state = opt.update(grads, state, params, features=features)
-        return (optax.apply_updates(params, updates), state), loss
-
-    # 1000 steps: running them is this test's time, so compiled with XLA's optimisation
-    run = compile_optimised(
-        lambda p: jax.lax.scan(step, (p, opt.init(p)), None, length=1000), params
-    )
-    (_, state), losses = run(params)
+    (_, state), losses = constant_epsilon_run(epsilon)
     L = np.asarray(losses)
     assert np.all(np.isfinite(L))
     spikes = np.flatnonzero((L[1:] > 10 * L[:-1]) & (np.diff(L) > epsilon / 4))
